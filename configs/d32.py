@@ -1,0 +1,10 @@
+"""d32: ~1.88B parameters; device batch 8 to fit 80 GB (gradient accumulation keeps 524,288 tokens)."""
+from nanochat_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.run_name, c.base_dir = "d32", "runs/d32"
+    c.model.depth = 32
+    c.train.device_batch_size = 8
+    return c

@@ -1,0 +1,1 @@
+"""nanochat in JAX/Flax."""

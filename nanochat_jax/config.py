@@ -1,0 +1,154 @@
+"""One config schema for every size and stage.
+
+`base_config()` returns the full schema with the d20 numbers of SPEC.md; the files in configs/
+only override values. Every config is validated by `validate()` before anything runs, and a bad
+value raises ConfigError naming the key, which the entry points print without a traceback.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: printed as one line, never as a traceback."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run_name = "d20"  # checkpoints go to <base_dir>/checkpoints/<stage>/<run_name>
+    c.base_dir = "runs/d20"  # everything a run writes (relative paths are under the cwd)
+    c.seed = 0
+
+    # --- model (SPEC §1): depth is the one dial, the rest is derived in model.ModelConfig ---
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 20
+    c.model.aspect_ratio = 64  # d_model = aspect_ratio * depth
+    c.model.head_dim = 128
+    c.model.n_kv_head = 0  # 0 = same as n_head; 1 = MQA
+    c.model.sequence_len = 2048
+    c.model.compute_dtype = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs with cc >= 8.0)
+    c.model.attention = "auto"  # auto | cudnn | xla (auto: cudnn on GPU, xla elsewhere)
+    c.model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    c.model.loss_chunk = 0  # >0: cross-entropy over chunks of this many tokens (never full fp32 logits)
+
+    # --- tokenizer (SPEC §5) ---
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.vocab_size = 65536
+    c.tokenizer.max_chars = 2_000_000_000  # characters of training text fed to the BPE trainer
+    c.tokenizer.doc_cap = 10_000  # characters kept of each document (as the reference does)
+
+    # --- data (SPEC §6) ---
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "fineweb"  # fineweb | embedded (offline Python docs corpus)
+    c.data.dir = "~/.cache/nanochat_jax/data"  # parquet shards live in <dir>/<source>/, shared by runs
+    c.data.num_shards = 240  # fineweb shards to download; the last one is the validation split
+    c.data.base_url = "https://hfp.19830613.xyz/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+    c.data.download_workers = 4
+    c.data.tokenizer_threads = 4
+    c.data.shuffle_buffer = 0  # 0: read documents in shard order (as the reference)
+
+    # --- base training (SPEC §4); mid / sft get sections of the same shape when they land ---
+    c.train = ml_collections.ConfigDict()
+    c.train.device_batch_size = 32  # rows per device per micro-step
+    c.train.total_batch_size = 524_288  # tokens per optimizer step; grad accumulation keeps it
+    c.train.num_iterations = -1  # explicit step count; -1 = derive from the two below
+    c.train.target_flops = -1.0  # -1 = unused
+    c.train.target_param_data_ratio = 20  # Chinchilla tokens:params
+    c.train.embedding_lr = 0.2
+    c.train.unembedding_lr = 0.004
+    c.train.matrix_lr = 0.02
+    c.train.weight_decay = 0.0
+    c.train.adam_b1 = 0.8
+    c.train.adam_b2 = 0.95
+    c.train.adam_eps = 1e-10
+    c.train.grad_clip = 1.0  # global norm; 0 = off
+    c.train.warmup_ratio = 0.0
+    c.train.warmdown_ratio = 0.2
+    c.train.final_lr_frac = 0.0
+    c.train.muon_momentum_start = 0.85
+    c.train.muon_momentum_end = 0.95
+    c.train.muon_momentum_warmup_steps = 300
+    c.train.log_every = 1
+    c.train.eval_every = 250
+    c.train.eval_tokens = 20 * 524_288
+    c.train.sample_every = 2000
+    c.train.save_every = 1000
+    c.train.keep_checkpoints = 2
+
+    # --- device mesh: data-parallel x FSDP; -1 = all devices left over ---
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+
+    # --- which stages run_pipeline.py runs, in SPEC order ---
+    c.stages = "tokenizer,base"
+    return c
+
+
+KNOWN_STAGES = ("tokenizer", "base")  # later issues append mid, sft, rl, eval, ...
+
+_CHOICES = {
+    "model.compute_dtype": ("auto", "bfloat16", "float32"),
+    "model.attention": ("auto", "cudnn", "xla"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "data.source": ("fineweb", "embedded"),
+}
+_POSITIVE = (
+    "model.depth", "model.aspect_ratio", "model.head_dim", "model.sequence_len",
+    "tokenizer.vocab_size", "tokenizer.max_chars", "tokenizer.doc_cap",
+    "data.num_shards", "data.download_workers", "data.tokenizer_threads",
+    "train.device_batch_size", "train.total_batch_size", "train.log_every", "train.eval_every",
+    "train.eval_tokens", "train.sample_every", "train.save_every", "train.keep_checkpoints",
+    "train.embedding_lr", "train.unembedding_lr", "train.matrix_lr", "train.adam_eps",
+)
+_FRACTIONS = (
+    "train.warmup_ratio", "train.warmdown_ratio", "train.final_lr_frac",
+    "train.adam_b1", "train.adam_b2", "train.muon_momentum_start", "train.muon_momentum_end",
+)
+_NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "train.weight_decay", "train.grad_clip",
+                 "train.muon_momentum_warmup_steps", "data.shuffle_buffer")
+
+
+def _get(c, dotted):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise ConfigError naming the first bad key; return the config unchanged otherwise."""
+    for key, allowed in _CHOICES.items():
+        if _get(c, key) not in allowed:
+            raise ConfigError(f"config.{key} must be one of {allowed}, got {_get(c, key)!r}")
+    for key in _POSITIVE:
+        if not _get(c, key) > 0:
+            raise ConfigError(f"config.{key} must be > 0, got {_get(c, key)!r}")
+    for key in _FRACTIONS:
+        if not 0.0 <= _get(c, key) <= 1.0:
+            raise ConfigError(f"config.{key} must be in [0, 1], got {_get(c, key)!r}")
+    for key in _NON_NEGATIVE:
+        if _get(c, key) < 0:
+            raise ConfigError(f"config.{key} must be >= 0, got {_get(c, key)!r}")
+    m = c.model
+    n_head = max(1, math.ceil(m.aspect_ratio * m.depth / m.head_dim))
+    if m.n_kv_head and (m.n_kv_head > n_head or n_head % m.n_kv_head):
+        raise ConfigError(f"config.model.n_kv_head={m.n_kv_head} must divide n_head={n_head}")
+    if m.head_dim % 2:
+        raise ConfigError(f"config.model.head_dim must be even (RoPE rotates halves), got {m.head_dim}")
+    if c.tokenizer.vocab_size < 256 + 9:
+        raise ConfigError(f"config.tokenizer.vocab_size must be >= 265 (256 bytes + 9 special tokens), "
+                          f"got {c.tokenizer.vocab_size}")
+    if c.train.warmup_ratio + c.train.warmdown_ratio > 1.0:
+        raise ConfigError("config.train.warmup_ratio + config.train.warmdown_ratio must be <= 1")
+    if c.train.num_iterations == 0 or c.train.num_iterations < -1:
+        raise ConfigError(f"config.train.num_iterations must be > 0 or -1, got {c.train.num_iterations}")
+    for key in ("data", "fsdp"):
+        if c.mesh[key] == 0 or c.mesh[key] < -1:
+            raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")
+    stages = [s.strip() for s in c.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in KNOWN_STAGES]
+    if unknown:
+        raise ConfigError(f"config.stages: unknown stage(s) {unknown}; known: {list(KNOWN_STAGES)}")
+    return c
