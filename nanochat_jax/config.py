@@ -11,8 +11,13 @@ import math
 import ml_collections
 
 
-class ConfigError(ValueError):
-    """A user's configuration mistake: printed as one line, never as a traceback."""
+class UserError(Exception):
+    """A user's mistake (bad config, missing corpus, wrong tokenizer): entry points print it as one
+    line and exit with status 2, never as a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config value; the message names the key."""
 
 
 def base_config() -> ml_collections.ConfigDict:
