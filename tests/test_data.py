@@ -1,0 +1,120 @@
+"""Corpus conversion, robust reading, grain pipelines (determinism, resume, sharding) and bits per byte."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat_jax import data
+from nanochat_jax.config import base_config
+
+
+def _config(tmp_path, source="embedded"):
+    c = base_config()
+    c.data.source = source
+    c.data.dir = str(tmp_path / "data")
+    return c
+
+
+def _write_docs(root: Path, docs: dict[str, str]):
+    for rel, text in docs.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+
+
+@pytest.fixture
+def fake_doc_sources(tmp_path, monkeypatch):
+    """A small python3.X-doc-like source tree, so conversion tests do not depend on the real package."""
+    root = tmp_path / "usr/share/doc/python3.99/html/_sources"
+    docs = {f"library/mod{i:03d}.rst.txt": f"Module {i}\n=========\n\nSome prose number {i}.\n" * (i % 5 + 1)
+            for i in range(60)}
+    docs["empty.rst.txt"] = "   \n"
+    _write_docs(root, docs)
+    monkeypatch.setattr(data, "DOC_SOURCES", str(tmp_path / "missing"))
+    monkeypatch.setattr(data, "DOC_SOURCES_GLOB", str(tmp_path / "usr/share/doc/python3.*/html/_sources"))
+    return root, docs
+
+
+def test_embedded_conversion_layout_split_and_idempotence(tmp_path, fake_doc_sources):
+    root, docs = fake_doc_sources
+    files = data.ensure_corpus(_config(tmp_path))
+    assert [f.name for f in files] == [f"shard_{i:05d}.parquet" for i in range(data.EMBEDDED_TRAIN_SHARDS + 1)]
+    train, val = data.split_files(files)
+    train_texts, val_texts = list(data.iter_texts(train)), list(data.iter_texts(val))
+    non_empty = sorted(t for t in docs.values() if t.strip())
+    # Every non-empty document exactly once, split by document, val a small non-empty part.
+    assert sorted(train_texts + val_texts) == non_empty
+    assert 0 < len(val_texts) < len(train_texts)
+    assert not set(val_texts) & set(train_texts)
+    # Second call: no reconversion (files untouched), same list.
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert data.ensure_corpus(_config(tmp_path)) == files
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    # Deterministic: a conversion elsewhere yields the same shards, document for document.
+    other = data.ensure_corpus(_config(tmp_path / "again"))
+    for a, b in zip(files, other):
+        assert pq.read_table(a).column("text").to_pylist() == pq.read_table(b).column("text").to_pylist()
+
+
+def test_half_conversion_is_redone(tmp_path, fake_doc_sources):
+    dest = data.corpus_dir(_config(tmp_path))
+    dest.mkdir(parents=True)
+    (dest / "shard_00000.parquet").write_bytes(b"half written")  # no completion marker
+    files = data.ensure_corpus(_config(tmp_path))
+    assert (dest / "_COMPLETE.json").exists()
+    assert len(list(data.iter_texts(files))) == 60
+    assert json.loads((dest / "_COMPLETE.json").read_text())["documents"] == 60
+
+
+def test_missing_doc_sources_error_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DOC_SOURCES", str(tmp_path / "nope"))
+    monkeypatch.setattr(data, "DOC_SOURCES_GLOB", str(tmp_path / "nope*/_sources"))
+    with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
+        data.ensure_corpus(_config(tmp_path))
+
+
+def test_real_embedded_corpus_if_installed(tmp_path):
+    if not Path(data.DOC_SOURCES).is_dir():
+        pytest.skip("python3.11-doc not installed")
+    files = data.ensure_corpus(_config(tmp_path))
+    n_src = len(list(Path(data.DOC_SOURCES).rglob("*.rst.txt")))
+    meta = json.loads((files[0].parent / "_COMPLETE.json").read_text())
+    assert n_src - 5 <= meta["documents"] <= n_src  # (a few may be blank)
+    assert 0.02 * meta["documents"] < meta["val_documents"] < 0.08 * meta["documents"]
+    chars = sum(len(t) for t in data.iter_texts(files))
+    assert chars > 5_000_000  # ~11 MB of real prose
+
+
+def test_iter_texts_caps(tmp_path):
+    f = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["x" * 100, "y" * 50, "z" * 70]}), f)
+    assert list(data.iter_texts([f], doc_cap=60)) == ["x" * 60, "y" * 50, "z" * 60]
+    # Stops once max_chars were yielded (the document that crosses the limit is the last).
+    assert list(data.iter_texts([f], max_chars=120)) == ["x" * 100, "y" * 50]
+
+
+def _bad_files(tmp_path):
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": ["alpha", "", None, "beta"]}), good)
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    no_text = tmp_path / "notext.parquet"
+    pq.write_table(pa.table({"body": ["gamma"]}), no_text)
+    non_utf8 = tmp_path / "nonutf8.parquet"
+    raw = pa.array([b"ok text", b"bad \xff\xfe bytes"], pa.binary())
+    pq.write_table(pa.table({"text": raw.view(pa.string())}), non_utf8)
+    return [good, corrupt, empty, no_text, non_utf8]
+
+
+def test_bad_input_is_skipped_and_counted(tmp_path):
+    data.BAD_INPUT.clear()
+    texts = list(data.iter_texts(_bad_files(tmp_path)))
+    assert texts == ["alpha", "beta", "ok text", "bad \ufffd\ufffd bytes"]
+    counts = data.bad_input_counts()
+    assert counts == {"unreadable_file": 1, "empty_file": 1, "no_text_column": 1,
+                      "empty_document": 2, "non_utf8_document": 1}
