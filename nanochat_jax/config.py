@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs with cc >= 8.0)
     c.model.attention = "auto"  # auto | cudnn | xla (auto: cudnn on GPU, xla elsewhere)
     c.model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-    c.model.loss_chunk = 0  # >0: cross-entropy over chunks of this many tokens (never full fp32 logits)
+    c.model.loss_chunk = 0  # >0: cross-entropy over chunks of this many positions x all rows (never full fp32 logits)
 
     # --- tokenizer (SPEC §5) ---
     c.tokenizer = ml_collections.ConfigDict()

@@ -1,0 +1,389 @@
+"""The GPT of SPEC.md §1–3 as Flax linen modules, used as pure functions of a params pytree.
+
+Layers are stacked with `nn.scan` (every block kernel has a leading layer axis L, Flax (in, out)
+layout), so compile time is flat in depth and the optimizer/sharding code sees one array per
+weight kind. Master params are fp32; matmuls run in `cfg.compute_dtype` and accumulate in fp32;
+norms, RoPE, softcap and the loss run in fp32.
+
+One block code path serves training (full causal attention, cuDNN flash kernel on GPU) and
+inference (`forward_cached`: a chunk of tokens per row at that row's own position, attending to
+a KV cache of shape (L, B, S, Hkv, hd)). The cached path masks explicitly and uses XLA attention:
+cuDNN's causal mask is aligned to the top-left corner (query i sees keys <= i), which is wrong for
+a chunk that starts at position p > 0, and the jax cuDNN path takes no boolean mask. For a one-token
+decode step XLA's attention is two small batched matmuls that read the cache once, which is all the
+cuDNN kernel could do either.
+
+Run `python -m nanochat_jax.model --depth 20 --summary` for parameter counts and FLOPs/token.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nanochat_jax.config import ConfigError
+
+ROPE_BASE = 10000.0
+SOFTCAP = 15.0
+RMS_EPS = float(jnp.finfo(jnp.float32).eps)  # torch's F.rms_norm default (eps=None) for fp32 inputs
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    depth: int
+    d_model: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    sequence_len: int
+    compute_dtype: str = "float32"  # bfloat16 | float32 (float64 for numerical tests, needs jax x64)
+    attention: str = "xla"  # cudnn | xla (training path; the cached path is always xla)
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
+
+    def __post_init__(self):
+        if self.compute_dtype not in ("bfloat16", "float32", "float64"):
+            raise ConfigError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
+        if self.attention not in ("cudnn", "xla"):
+            raise ConfigError(f"attention must be cudnn or xla, got {self.attention!r}")
+        if self.attention == "cudnn" and self.compute_dtype != "bfloat16":
+            raise ConfigError("attention='cudnn' needs compute_dtype='bfloat16' (cuDNN flash attention "
+                              "has no fp32 kernel); use attention='xla' or 'auto'")
+        if self.remat != "none" and self.remat not in _REMAT_POLICIES:
+            raise ConfigError(f"remat must be none or one of {sorted(_REMAT_POLICIES)}, got {self.remat!r}")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even (RoPE rotates halves), got {self.head_dim}")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def acc_dtype(self):
+        """Accumulation / norm / loss dtype: fp32 (fp64 only when computing in fp64)."""
+        return jnp.promote_types(self.dtype, jnp.float32)
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
+                   n_kv_head: int = 0, *, aspect_ratio: int = 64, head_dim: int = 128,
+                   compute_dtype: str = "auto", attention: str = "auto", **overrides) -> "ModelConfig":
+        """SPEC §1: every dimension from depth. 'auto' dtype/attention resolve for the running backend."""
+        d_model = aspect_ratio * depth
+        n_head = max(1, math.ceil(d_model / head_dim))
+        compute_dtype, attention = _resolve_auto(compute_dtype, attention)
+        return cls(vocab_size=vocab_size, depth=depth, d_model=d_model, n_head=n_head,
+                   n_kv_head=n_kv_head or n_head, head_dim=head_dim, sequence_len=sequence_len,
+                   compute_dtype=compute_dtype, attention=attention, **overrides)
+
+    @classmethod
+    def from_config(cls, config) -> "ModelConfig":
+        """From a validated ConfigDict: config.model.* and config.tokenizer.vocab_size."""
+        m = config.model
+        return cls.from_depth(m.depth, vocab_size=config.tokenizer.vocab_size, sequence_len=m.sequence_len,
+                              n_kv_head=m.n_kv_head, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
+                              compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat,
+                              loss_chunk=m.loss_chunk)
+
+
+def _gpu_compute_capability() -> float | None:
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return None
+    try:
+        return float(getattr(dev, "compute_capability", ""))
+    except ValueError:  # not an NVIDIA device
+        return None
+
+
+def _resolve_auto(compute_dtype: str, attention: str) -> tuple[str, str]:
+    """'auto': bf16 on GPUs with compute capability >= 8.0 (fp32 on CPU, T4, V100); cuDNN attention
+    wherever we run on a GPU in bf16 (its flash kernel is bf16/fp16 only), XLA elsewhere."""
+    if "auto" in (compute_dtype, attention):
+        cc = _gpu_compute_capability()
+        if compute_dtype == "auto":
+            compute_dtype = "bfloat16" if cc is not None and cc >= 8.0 else "float32"
+        if attention == "auto":
+            attention = "cudnn" if cc is not None and compute_dtype == "bfloat16" else "xla"
+    return compute_dtype, attention
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter-free pieces of SPEC §2 (all in the accumulation dtype)
+
+
+def rms_norm(x):
+    """RMSNorm without weights over the last axis."""
+    return x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + RMS_EPS)
+
+
+def rope_tables(positions_BxT, head_dim: int, dtype):
+    """cos, sin of shape (B, T, head_dim/2) for integer positions."""
+    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    freqs = positions_BxT.astype(dtype)[..., None] * inv_freq
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxh, sin_BxTxh):
+    """Half-split rotation: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
+    cos, sin = cos_BxTxh[:, :, None, :], sin_BxTxh[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+
+
+def softcap(logits):
+    return SOFTCAP * jnp.tanh(logits / SOFTCAP)
+
+
+# ----------------------------------------------------------------------------------------------
+# Init (SPEC §3)
+
+
+def _matrix_init(key, shape, dtype=jnp.float32):
+    """N(0, std), std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)) for an (in, out) kernel."""
+    fan_in, fan_out = shape[-2], shape[-1]
+    std = fan_in ** -0.5 * min(1.0, (fan_out / fan_in) ** 0.5)
+    return std * jax.random.normal(key, shape, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class Linear(nn.Module):
+    """Bias-free (in, out) matmul: fp32 kernel cast to the compute dtype, accumulated in fp32."""
+    features: int
+    cfg: ModelConfig
+    kernel_init: Callable[..., Any] = _matrix_init
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        dtype = self.cfg.dtype
+        return lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                               preferred_element_type=self.cfg.acc_dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD, layer, cos, sin, q_pos_BxT, cache):
+        cfg = self.cfg
+        B, T, _ = h_BxTxD.shape
+        H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q = Linear(H * hd, cfg, name="c_q")(h_BxTxD).reshape(B, T, H, hd)
+        k = Linear(Hkv * hd, cfg, name="c_k")(h_BxTxD).reshape(B, T, Hkv, hd)
+        v = Linear(Hkv * hd, cfg, name="c_v")(h_BxTxD).reshape(B, T, Hkv, hd)
+        # QK-norm after RoPE (SPEC §2); fp32 here, the attention kernel gets the compute dtype.
+        q = rms_norm(apply_rope(q, cos, sin)).astype(cfg.dtype)
+        k = rms_norm(apply_rope(k, cos, sin)).astype(cfg.dtype)
+        v = v.astype(cfg.dtype)
+        scale = 1.0 / math.sqrt(hd)
+        # GQA: jax's attention groups H query heads over Hkv kv heads (== repeating kv heads).
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                             implementation=cfg.attention)
+        else:
+            rows_BxT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+            cache = {"k": cache["k"].at[layer, rows_BxT, q_pos_BxT].set(k),
+                     "v": cache["v"].at[layer, rows_BxT, q_pos_BxT].set(v)}
+            S = cache["k"].shape[2]
+            mask_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
+            y = jax.nn.dot_product_attention(q, cache["k"][layer], cache["v"][layer], scale=scale,
+                                             mask=mask_BxTxS[:, None], implementation="xla")
+        out = Linear(cfg.d_model, cfg, nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd))
+        return out, cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD):
+        u = Linear(4 * self.cfg.d_model, self.cfg, name="c_fc")(h_BxTxD)
+        u = jnp.square(jax.nn.relu(u))  # ReLU²
+        return Linear(self.cfg.d_model, self.cfg, nn.initializers.zeros, name="c_proj")(u)
+
+
+class Block(nn.Module):
+    """One transformer layer; scanned over the layer axis. carry = (residual fp32, cache | None)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, layer, cos, sin, q_pos_BxT):
+        x, cache = carry
+        y, cache = Attention(self.cfg, name="attn")(rms_norm(x), layer, cos, sin, q_pos_BxT, cache)
+        x = x + y
+        x = x + MLP(self.cfg, name="mlp")(rms_norm(x))
+        return (x, cache), None
+
+
+class GPT(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0))
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+        self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=cfg.depth)(cfg)
+        self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros)
+
+    def hidden(self, tokens_BxT, positions_B=None, cache=None):
+        """Final normed residual (B, T, D) in fp32, and the updated cache (None when training)."""
+        cfg = self.cfg
+        B, T = tokens_BxT.shape
+        if positions_B is None:
+            q_pos_BxT = None
+            cos, sin = rope_tables(jnp.arange(T)[None, :], cfg.head_dim, cfg.acc_dtype)
+        else:
+            q_pos_BxT = positions_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
+            cos, sin = rope_tables(q_pos_BxT, cfg.head_dim, cfg.acc_dtype)
+        x = rms_norm(self.wte(tokens_BxT).astype(cfg.acc_dtype))
+        (x, cache), _ = self.blocks((x, cache), jnp.arange(cfg.depth), cos, sin, q_pos_BxT)
+        return rms_norm(x), cache
+
+    def head(self, x_BxTxD):
+        """Softcapped logits in fp32."""
+        return softcap(self.lm_head(x_BxTxD))
+
+    def __call__(self, tokens_BxT, positions_B=None, cache=None):
+        x, cache = self.hidden(tokens_BxT, positions_B, cache)
+        return self.head(x), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API (the contract other modules code against)
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+    """fp32 params: {'wte': {'embedding'}, 'blocks': {'attn': {c_q,c_k,c_v,c_proj}, 'mlp': {c_fc,c_proj}}
+    (each {'kernel': (L, in, out)}), 'lm_head': {'kernel': (D, V)}}."""
+    # The init trace runs a forward on one token; XLA attention there avoids cuDNN shape limits
+    # (the attention kernel has no params, so this changes nothing).
+    model = GPT(dataclasses.replace(cfg, attention="xla", compute_dtype="float32", remat="none"))
+    return jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def logits_fn(params, cfg: ModelConfig, tokens_BxT):
+    """(B, T, V) fp32 softcapped logits of a full causal forward."""
+    return GPT(cfg).apply({"params": params}, tokens_BxT)[0]
+
+
+def _token_losses(logits_BxTxV, targets_BxT):
+    """Cross-entropy per token in the logits' dtype; 0 where target == -1."""
+    lse = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked = jnp.take_along_axis(logits_BxTxV, jnp.maximum(targets_BxT, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(targets_BxT != -1, lse - picked, 0.0)
+
+
+def _chunked_token_losses(model, head_params, x_BxTxD, targets_BxT, chunk):
+    """Same as _token_losses(head(x)) but over chunks of `chunk` positions (all rows at once, so a
+    batch sharded over rows stays sharded), each rematerialised in the backward pass: the full
+    (B, T, V) fp32 logits never exist."""
+    B, T, D = x_BxTxD.shape
+    chunk = min(chunk, T)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    x = jnp.pad(x_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    t = jnp.pad(targets_BxT, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(head_params, x_Bxcxd, t_Bxc):
+        logits = model.apply({"params": head_params}, x_Bxcxd, method=GPT.head)
+        return _token_losses(logits, t_Bxc)
+
+    _, losses_nxBxc = lax.scan(lambda _, xt: (None, one_chunk(head_params, *xt)), None, (x, t))
+    return losses_nxBxc.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
+def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT):
+    """(mean cross-entropy over targets != -1, per-token losses (B, T) with 0 at ignored targets)."""
+    model = GPT(cfg)
+    x, _ = model.apply({"params": params}, inputs_BxT, method=GPT.hidden)
+    if cfg.loss_chunk > 0:
+        losses = _chunked_token_losses(model, {"lm_head": params["lm_head"]}, x, targets_BxT, cfg.loss_chunk)
+    else:
+        losses = _token_losses(model.apply({"params": params}, x, method=GPT.head), targets_BxT)
+    count = jnp.maximum(jnp.sum(targets_BxT != -1), 1)
+    return jnp.sum(losses) / count, losses
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    """Empty KV cache {'k', 'v'}: (L, B, max_len, Hkv, head_dim) in the compute dtype."""
+    shape = (cfg.depth, batch, max_len, cfg.n_kv_head, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+
+def forward_cached(params, cfg: ModelConfig, tokens_BxT, cache, positions_B):
+    """Row b's tokens sit at positions[b]..positions[b]+T-1 (must stay < max_len); they are written
+    into the cache and attend to cache entries at positions <= their own. Returns (logits fp32, cache)."""
+    return GPT(cfg).apply({"params": params}, tokens_BxT, positions_B, cache)
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+    """Parameter counts per group and in total, from shapes only (jax.eval_shape, no allocation)."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))
+    counts = {"wte": size(shapes["wte"]), "attn": size(shapes["blocks"]["attn"]),
+              "mlp": size(shapes["blocks"]["mlp"]), "lm_head": size(shapes["lm_head"])}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def estimate_flops(cfg: ModelConfig) -> float:
+    """Training FLOPs per token (SPEC §4): 6 * (n_params - n_wte) + 12 * L * H * head_dim * T."""
+    counts = param_counts(cfg)
+    attn = 12 * cfg.depth * cfg.n_head * cfg.head_dim * cfg.sequence_len
+    return float(6 * (counts["total"] - counts["wte"]) + attn)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Print the size of the depth-d GPT (no allocation).")
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--sequence-len", type=int, default=2048)
+    p.add_argument("--n-kv-head", type=int, default=0)
+    p.add_argument("--summary", action="store_true", help="print params per group, FLOPs/token, bytes")
+    args = p.parse_args(argv)
+    try:
+        cfg = ModelConfig.from_depth(args.depth, args.vocab_size, args.sequence_len, args.n_kv_head,
+                                     compute_dtype="float32", attention="xla")
+    except ConfigError as e:
+        p.error(str(e))
+    counts = param_counts(cfg)
+    print(f"d{cfg.depth}: {cfg.depth} layers, d_model {cfg.d_model}, {cfg.n_head} heads "
+          f"({cfg.n_kv_head} kv) x {cfg.head_dim}, vocab {cfg.vocab_size}, seq {cfg.sequence_len}")
+    if args.summary:
+        for group, n in counts.items():
+            print(f"  {group:<8} {n:>15,} params")
+        print(f"  FLOPs/token (training) {estimate_flops(cfg):.3e}")
+        print(f"  bytes of params        {4 * counts['total']:,} (fp32)")
+
+
+if __name__ == "__main__":
+    main()
