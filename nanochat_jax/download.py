@@ -27,7 +27,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard_{:05d}.parquet"
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16  # bytes per write: what a cut connection can lose of the partial file
 
 
 class DownloadError(RuntimeError):

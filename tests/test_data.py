@@ -118,3 +118,144 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
     counts = data.bad_input_counts()
     assert counts == {"unreadable_file": 1, "empty_file": 1, "no_text_column": 1,
                       "empty_document": 2, "non_utf8_document": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloader against a real HTTP server on loopback, with faults injected.
+
+import http.server
+import threading
+
+from nanochat_jax import download
+
+
+class _ShardServer:
+    """Serves `files` (name -> bytes) with Range support; `faults[name]` lists faults for successive requests."""
+
+    def __init__(self, files):
+        self.files, self.faults, self.requests = files, {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                rng = self.headers.get("Range")
+                server.requests.append((name, rng))
+                fault = server.faults.get(name, []).pop(0) if server.faults.get(name) else None
+                if name not in server.files or fault == "404":
+                    return self._empty(404)
+                if fault == "500":
+                    return self._empty(500)
+                body, start = server.files[name], 0
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        return self._empty(416)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                part = body[start:]
+                if fault == "truncate":  # a consistent but short body: headers agree, parquet does not
+                    part = part[: len(part) // 2]
+                self.send_header("Content-Length", str(len(part)))
+                self.end_headers()
+                if fault == "cut":  # connection dies mid-file
+                    self.wfile.write(part[: len(part) // 3])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(part)
+
+            def _empty(self, code):
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _parquet_bytes(i, n_docs=400):
+    import io
+    buf = io.BytesIO()
+    letters = np.random.default_rng(i).integers(97, 123, size=(n_docs, 1000), dtype=np.uint8)
+    texts = [f"document {j} of shard {i}: " + row.tobytes().decode() for j, row in enumerate(letters)]  # ~400 KB
+    pq.write_table(pa.table({"text": texts}), buf, row_group_size=50)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def shard_server():
+    files = {f"shard_{i:05d}.parquet": _parquet_bytes(i) for i in range(5)}
+    s = _ShardServer(files)
+    yield s
+    s.close()
+
+
+def _final_files_are_whole(dest, server):
+    for p in Path(dest).glob("shard_*.parquet"):
+        assert p.read_bytes() == server.files[p.name], p
+
+
+def test_download_with_faults_then_rerun(tmp_path, shard_server):
+    s = shard_server
+    s.faults = {"shard_00000.parquet": ["cut"], "shard_00001.parquet": ["500", "500"],
+                "shard_00002.parquet": ["truncate"], "shard_00003.parquet": ["404"]}
+    dest = tmp_path / "fineweb"
+    with pytest.raises(download.DownloadError, match="shard_00003.*404"):
+        download.download_shards(5, dest, base_url=s.url, workers=3, backoff=0.001, progress=False)
+    _final_files_are_whole(dest, s)  # nothing corrupt under a final name
+    assert sorted(p.name for p in dest.glob("shard_*.parquet")) == [f"shard_{i:05d}.parquet" for i in (0, 1, 2, 4)]
+    assert not (dest / "shard_00003.parquet.partial").exists()
+    # The cut transfer resumed with a Range request rather than starting over.
+    assert any(name == "shard_00000.parquet" and rng and rng != "bytes=0-" for name, rng in s.requests)
+    # Rerun: only the missing shard is requested.
+    s.requests.clear()
+    files = download.download_shards(5, dest, base_url=s.url, workers=3, backoff=0.001, progress=False)
+    assert [name for name, _ in s.requests] == ["shard_00003.parquet"]
+    assert files == [dest / f"shard_{i:05d}.parquet" for i in range(5)]
+    _final_files_are_whole(dest, s)
+
+
+def test_download_resumes_from_partial_file(tmp_path, shard_server):
+    s, dest = shard_server, tmp_path / "fw"
+    dest.mkdir()
+    name = "shard_00001.parquet"
+    (dest / (name + ".partial")).write_bytes(s.files[name][:1000])  # left by a killed run
+    download.download_file(f"{s.url}/{name}", dest / name, backoff=0.001)
+    assert s.requests == [(name, "bytes=1000-")]
+    assert (dest / name).read_bytes() == s.files[name]
+
+
+def test_download_rejects_file_without_text_column(tmp_path, shard_server):
+    import io
+    s, buf = shard_server, io.BytesIO()
+    pq.write_table(pa.table({"body": ["x"]}), buf)
+    s.files["shard_00000.parquet"] = buf.getvalue()
+    dest = tmp_path / "fw" / "shard_00000.parquet"
+    dest.parent.mkdir()
+    with pytest.raises(download.DownloadError, match="text"):
+        download.download_file(f"{s.url}/shard_00000.parquet", dest, retries=1, backoff=0.001)
+    assert not dest.exists() and not dest.with_name(dest.name + ".partial").exists()
+    assert len(s.requests) == 2  # retried once, from scratch
+
+
+def test_download_cli(tmp_path, shard_server):
+    assert download.main(["--num-shards", "2", "--dest", str(tmp_path / "d"), "--base-url", shard_server.url,
+                          "--workers", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert download.main(["--num-shards", "7", "--dest", str(tmp_path / "e"), "--base-url",
+                          shard_server.url + "/missing"]) == 1
