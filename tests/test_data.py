@@ -259,3 +259,129 @@ def test_download_cli(tmp_path, shard_server):
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["shard_00000.parquet", "shard_00001.parquet"]
     assert download.main(["--num-shards", "7", "--dest", str(tmp_path / "e"), "--base-url",
                           shard_server.url + "/missing"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# grain pipelines, with a byte-level tokenizer: ids = UTF-8 bytes, <|bos|> = 256.
+
+class ByteTokenizer:
+    bos_id = 256
+
+    def encode(self, texts, prepend_bos=False, num_threads=None):
+        return [[self.bos_id] * prepend_bos + list(t.encode("utf-8")) for t in texts]
+
+
+def _corpus(tmp_path, n_files=3, docs_per_file=40, row_group=8):
+    files = []
+    for i in range(n_files):
+        texts = [f"<doc {i}.{j}> " + "word " * (j % 13) + "end." for j in range(docs_per_file)]
+        files.append(tmp_path / f"shard_{i:05d}.parquet")
+        pq.write_table(pa.table({"text": texts}), files[-1], row_group_size=row_group)
+    return files
+
+
+def _expected_stream(files):
+    """The reference stream written out by hand: every document, in order, prefixed with BOS."""
+    out = []
+    for t in data.iter_texts(files):
+        out += [256] + list(t.encode("utf-8"))
+    return np.array(out, np.int32)
+
+
+def test_train_batches_pack_the_bos_prefixed_stream(tmp_path):
+    files = _corpus(tmp_path)
+    B, T = 3, 31
+    it = data.make_train_iterator(files, ByteTokenizer(), B, T, num_threads=2)
+    batches = [next(it) for _ in range(60)]
+    assert all(b.shape == (B, T + 1) and b.dtype == np.int32 for b in batches)
+    stream = _expected_stream(files)
+    n = 60 * B * (T + 1)
+    assert n > len(stream)  # the test crosses an epoch boundary: the stream repeats
+    expected = np.concatenate([stream, stream])[:n].reshape(60, B, T + 1)
+    np.testing.assert_array_equal(np.stack(batches), expected)
+
+
+def test_train_iterator_resumes_exactly_from_json_state(tmp_path):
+    files = _corpus(tmp_path)
+    tok, B, T = ByteTokenizer(), 2, 45
+    full = data.make_train_iterator(files, tok, B, T, num_threads=2)
+    reference = [next(full) for _ in range(70)]
+    assert 70 * B * (T + 1) > len(_expected_stream(files))
+    for cut in (1, 7, 19, 61):  # mid-chunk and across epoch boundaries
+        it = data.make_train_iterator(files, tok, B, T, num_threads=2)
+        for _ in range(cut):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))
+        resumed = data.make_train_iterator(files, tok, B, T, num_threads=2)
+        resumed.set_state(state)
+        for k in range(cut, 70):
+            np.testing.assert_array_equal(next(resumed), reference[k])
+
+
+def test_shuffle_is_seeded_and_processes_split_the_row_groups(tmp_path):
+    files = _corpus(tmp_path)
+    tok, B, T = ByteTokenizer(), 1, 63
+    def first(n, **kw):
+        it = data.make_train_iterator(files, tok, B, T, num_threads=1, **kw)
+        return np.concatenate([next(it)[0] for _ in range(n)])
+    a, b = first(20, shuffle=True, seed=1), first(20, shuffle=True, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, first(20, shuffle=True, seed=2))
+    assert not np.array_equal(a, first(20))
+    # Two processes: disjoint documents (BOS-delimited), together the whole corpus.
+    def docs(process_index):
+        ds = data._rows_dataset(files, tok, T, process_index, 2, repeat=False)
+        stream = np.concatenate(list(iter(ds)))
+        return [bytes(d[1:].astype(np.uint8)).decode() for d in np.split(stream, np.flatnonzero(stream == 256))[1:]]
+    d0, d1 = docs(0), docs(1)
+    everything = list(data.iter_texts(files))
+    assert d0 and d1 and not set(d0) & set(d1)
+    assert set(d0[:-1] + d1[:-1]) <= set(everything)  # (the last document of each may be cut by packing)
+    assert len(d0) + len(d1) >= len(everything) - 2
+
+
+def test_val_batches_fixed_token_count(tmp_path):
+    files = _corpus(tmp_path, n_files=1, docs_per_file=10, row_group=4)
+    stream = _expected_stream(files)
+    B, T = 2, 20
+    batches = data.make_val_batches(files, ByteTokenizer(), B, T, num_tokens=B * T * 3)
+    assert len(batches) == 3 and all(b.shape == (B, T + 1) for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b.ravel() for b in batches]), stream[:3 * B * (T + 1)])
+    # More tokens than the split holds: cycles through it, same count.
+    many = data.make_val_batches(files, ByteTokenizer(), B, T, num_tokens=len(stream) * 3)
+    assert len(many) == len(stream) * 3 // (B * T)
+    # Identical at every call.
+    assert all(np.array_equal(x, y) for x, y in zip(many, data.make_val_batches(files, ByteTokenizer(), B, T,
+                                                                                   num_tokens=len(stream) * 3)))
+
+
+def test_pipeline_survives_bad_input_and_fails_loudly_on_none(tmp_path):
+    data.BAD_INPUT.clear()
+    bad = _bad_files(tmp_path)
+    it = data.make_train_iterator(bad, ByteTokenizer(), 2, 5, num_threads=2)
+    rows = np.stack([next(it) for _ in range(5)])
+    stream = np.array([256, *b"alpha", 256, *b"beta", 256, *b"ok text", 256, *"bad \ufffd\ufffd bytes".encode()])
+    np.testing.assert_array_equal(rows.ravel(), np.resize(stream, rows.size))
+    assert data.bad_input_counts()["unreadable_file"] == 1
+    # Only unusable files: a clear error up front, not a stall.
+    with pytest.raises(ValueError, match="no readable parquet"):
+        data.make_train_iterator(bad[1:4], ByteTokenizer(), 2, 5)
+    # Files that open but hold no usable document: an error after one pass, not an endless loop.
+    only_empty = tmp_path / "blank.parquet"
+    pq.write_table(pa.table({"text": ["", "", ""]}), only_empty)
+    with pytest.raises(RuntimeError, match="no usable documents"):
+        next(data.make_train_iterator([only_empty], ByteTokenizer(), 2, 5))
+
+
+def test_evaluate_bpb_hand_computed():
+    token_bytes = np.array([1, 2, 3, 0])  # token 3 is special (0 bytes)
+    rows = np.array([[3, 0, 1, 3, 2],
+                     [3, 2, -1, 1, 0]])
+    # targets rows[:, 1:] = [[0, 1, 3, 2], [2, -1, 1, 0]]; losses chosen by hand:
+    losses = np.array([[0.5, 1.0, 9.0, 2.0],
+                       [1.5, 7.0, 0.25, 0.75]])
+    # counted: (0.5,1B) (1.0,2B) (2.0,3B) | (1.5,3B) (0.25,2B) (0.75,1B); the special and the -1 are excluded
+    nats, nbytes = 0.5 + 1.0 + 2.0 + 1.5 + 0.25 + 0.75, 1 + 2 + 3 + 3 + 2 + 1
+    split = [rows[:1], rows[1:]]
+    got = data.evaluate_bpb(lambda r: losses[:1] if r[0, 1] == 0 else losses[1:], split, token_bytes)
+    assert got == pytest.approx(nats / math.log(2) / nbytes)
