@@ -385,3 +385,31 @@ def test_evaluate_bpb_hand_computed():
     split = [rows[:1], rows[1:]]
     got = data.evaluate_bpb(lambda r: losses[:1] if r[0, 1] == 0 else losses[1:], split, token_bytes)
     assert got == pytest.approx(nats / math.log(2) / nbytes)
+
+
+def test_ensure_corpus_fineweb_downloads_the_configured_shards(tmp_path, shard_server):
+    c = _config(tmp_path, source="fineweb")
+    c.data.num_shards, c.data.base_url, c.data.download_workers = 3, shard_server.url, 2
+    files = data.ensure_corpus(c)
+    assert files == [tmp_path / "data" / "fineweb" / f"shard_{i:05d}.parquet" for i in range(3)]
+    assert len(list(data.iter_texts(data.split_files(files)[1]))) == 400  # the val shard reads back whole
+
+
+def test_with_the_real_tokenizer(tmp_path):
+    tokenizer = pytest.importorskip("nanochat_jax.tokenizer")
+    files = _corpus(tmp_path, n_files=2, docs_per_file=30)
+    tok = tokenizer.Tokenizer.train(list(data.iter_texts(files)), 300)
+    B, T = 2, 64
+    val = data.make_val_batches(files, tok, B, T, num_tokens=B * T * 2)
+    rows = np.concatenate([b.ravel() for b in val])
+    # The rows decode to the documents, each behind <|bos|>, in order.
+    docs = list(data.iter_texts(files))
+    expected = "".join("<|bos|>" + d for d in docs)
+    assert expected.startswith(tok.decode(rows.tolist()))
+    # bpb with a uniform loss of 1 nat per target: (non-special targets) / ln 2 / (their UTF-8 bytes).
+    token_bytes = tok.token_bytes()
+    bpb = data.evaluate_bpb(lambda r: np.ones((r.shape[0], r.shape[1] - 1)), val, token_bytes)
+    targets = np.concatenate([b[:, 1:].ravel() for b in val])
+    text_targets = targets[targets != tok.bos_id]
+    n_bytes = len(tok.decode(text_targets.tolist()).encode("utf-8"))  # ASCII corpus: bytes decode 1:1
+    assert bpb == pytest.approx(len(text_targets) / math.log(2) / n_bytes)
