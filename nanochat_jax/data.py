@@ -210,7 +210,12 @@ def _ensure_embedded(dest: Path) -> list[Path]:
     (tmp / _DONE_MARKER).write_text(json.dumps(
         {"source": str(src), "documents": len(train) + len(val), "val_documents": len(val), "shards": names}))
     shutil.rmtree(dest, ignore_errors=True)  # a half conversion of an older run (no marker)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process (multi-host, shared disk) finished first: keep its identical copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not marker.exists():
+            raise
     return [dest / n for n in names]
 
 
