@@ -1,0 +1,230 @@
+"""Engine: cached logits equal full-forward logits, both drivers sample what they should, tools are forced."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanochat_jax import engine as E
+from nanochat_jax import model as M
+
+SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+
+
+class ByteTokenizer:
+    """Minimal stand-in: ids 0..255 are bytes, 256.. the special tokens."""
+    bos_id = 256
+
+    def encode_special(self, name):
+        return 256 + SPECIALS.index(name)
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def render_for_completion(self, conversation):
+        sp = self.encode_special
+        ids = [self.bos_id]
+        for m in conversation["messages"][:-1]:
+            role = "<|user_start|>" if m["role"] == "user" else "<|assistant_start|>"
+            ids += [sp(role), *self.encode(m["content"]), sp(role.replace("start", "end"))]
+        return ids + [sp("<|assistant_start|>")]
+
+
+TOK = ByteTokenizer()
+PS, PE, OS, OE = (TOK.encode_special(n) for n in SPECIALS[5:])
+END = TOK.encode_special("<|assistant_end|>")
+CFG = M.ModelConfig.from_depth(2, vocab_size=512, sequence_len=256, aspect_ratio=32, head_dim=16,
+                               compute_dtype="float32", attention="xla")
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Random init with every leaf perturbed (the zero-initialised projections and head would make
+    all logits equal)."""
+    p = M.init_params(CFG, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def engine(params):
+    return E.Engine(params, CFG, TOK)
+
+
+def full_forward_greedy(params, prompt, max_tokens, stop_ids):
+    """Argmax of a full causal forward at the last token, one token at a time (right-padded to a fixed
+    length, which causality makes harmless, so it compiles once)."""
+    forward = jax.jit(lambda p, toks: M.logits_fn(p, CFG, toks))
+    seq, out = list(prompt), []
+    for _ in range(max_tokens):
+        padded = np.zeros((1, 128), np.int32)
+        padded[0, :len(seq)] = seq
+        t = int(jnp.argmax(forward(params, padded)[0, len(seq) - 1]))
+        if t in stop_ids:
+            break
+        seq.append(t)
+        out.append(t)
+    return out
+
+
+def test_prefill_and_decode_logits_equal_full_forward(params):
+    """Two prompts of different lengths in one batch (per-row positions), then forced tokens."""
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 256, 30).tolist(), rng.integers(0, 256, 30).tolist()]
+    lengths = [11, 20]
+    tokens = np.zeros((2, 64), np.int32)
+    for row, s, n in zip(tokens, seqs, lengths):
+        row[:n] = s[:n]
+    logits, cache, positions = E.prefill(params, CFG, tokens, np.array(lengths, np.int32), max_len=128, copies=1)
+    cached = [[logits[0]], [logits[1]]]
+    key = jax.random.key(0)
+    for step in range(8):
+        forced = np.array([s[n + step] for s, n in zip(seqs, lengths)], np.int32)
+        _, logits, positions, cache = E.decode(params, CFG, None, None, logits, key, step, jnp.float32(1.0), forced,
+                                               positions, cache)
+        for row in range(2):
+            cached[row].append(logits[row])
+    for row, (s, n) in enumerate(zip(seqs, lengths)):
+        full = M.logits_fn(params, CFG, jnp.array([s[:n + 8]]))[0, n - 1:]
+        got = jnp.stack(cached[row])
+        assert float(jnp.max(jnp.abs(got - full)) / jnp.max(jnp.abs(full))) < 1e-4
+
+
+def test_greedy_equals_argmax_of_full_forward_in_both_drivers(engine, params):
+    prompts = [[1, 2, 3, 4, 5], list(range(40, 110))]
+    want = [full_forward_greedy(params, p, 12, engine.stop_ids) for p in prompts]
+    on_device, masks = engine.generate_batch(prompts, max_tokens=12, temperature=0.0)
+    streamed, _ = engine.generate_batch(prompts, max_tokens=12, temperature=0.0, use_tools=True)
+    assert on_device == want and streamed == want
+    assert masks == [[1] * len(r) for r in want]
+
+
+def test_sampling_is_deterministic_per_seed_and_drivers_agree(engine):
+    kw = dict(num_samples=3, max_tokens=16, temperature=1.0, top_k=50)
+    a, _ = engine.generate_batch([7, 8, 9], seed=1, **kw)
+    b, _ = engine.generate_batch([7, 8, 9], seed=1, **kw)
+    c, _ = engine.generate_batch([7, 8, 9], seed=2, **kw)
+    streamed, _ = engine.generate_batch([7, 8, 9], seed=1, use_tools=True, **kw)
+    assert a == b == streamed
+    assert a != c
+
+
+def test_num_samples_share_one_prefill(engine):
+    """Greedy copies equal the single greedy row; sampled copies are independent rows."""
+    single, _ = engine.generate_batch([3, 1, 4, 1, 5], max_tokens=10, temperature=0.0)
+    copies, _ = engine.generate_batch([3, 1, 4, 1, 5], num_samples=4, max_tokens=10, temperature=0.0)
+    assert copies == single * 4
+    sampled, _ = engine.generate_batch([3, 1, 4, 1, 5], num_samples=4, max_tokens=10, temperature=2.0)
+    assert len({tuple(r) for r in sampled}) > 1
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.6), (10, 0.5)])
+def test_top_k_top_p_restrict_the_support(top_k, top_p):
+    logits = jax.random.normal(jax.random.key(3), (1, 64)) * 2.0
+    draws = jax.vmap(lambda k: E.sample_tokens(logits, k, 1.0, top_k, top_p)[0])(
+        jax.random.split(jax.random.key(4), 2000))
+    order = np.argsort(-np.asarray(logits[0]))
+    allowed = order[:top_k] if top_k else order
+    if top_p:
+        kept = np.asarray(logits[0])[allowed]
+        probs = np.exp(kept - kept.max()) / np.exp(kept - kept.max()).sum()
+        before = np.cumsum(probs) - probs
+        allowed = allowed[before < top_p]
+    seen = set(np.asarray(draws).tolist())
+    assert seen <= set(allowed.tolist())
+    assert len(seen) == len(allowed)  # 2000 draws hit every allowed token (each has mass >= 1/64-ish)
+
+
+def bigram_params(successor: dict[int, int]):
+    """A real GPT whose blocks add nothing and whose head maps the current token to successor[token]:
+    a scripted model for the tool and stop tests."""
+    p = jax.tree.map(jnp.zeros_like, M.init_params(CFG, jax.random.key(0)))
+    D = CFG.d_model
+    slots = {t: i + 1 for i, t in enumerate(successor)}  # slot 0: every other token
+    wte = np.zeros((CFG.vocab_size, D), np.float32)
+    wte[:, 0] = 1.0
+    head = np.zeros((D, CFG.vocab_size), np.float32)
+    for t, nxt in successor.items():
+        wte[t] = 0.0
+        wte[t, slots[t]] = 1.0
+        head[slots[t], nxt] = 5.0
+    p["wte"]["embedding"] = jnp.asarray(wte)
+    p["lm_head"]["kernel"] = jnp.asarray(head)
+    return p
+
+
+def script(*pieces):
+    """Successor table from a token path: ints stay, strings become their bytes."""
+    path = [t for piece in pieces for t in (TOK.encode(piece) if isinstance(piece, str) else [piece])]
+    table = dict(zip(path[:-1], path[1:]))
+    assert len(table) == len(path) - 1, "a scripted token must not repeat"
+    return table
+
+
+A = ord("A")
+
+
+def stream(engine, prompt, **kw):
+    return [(col[0], mask[0]) for col, mask in engine.generate(prompt, temperature=0.0, **kw)]
+
+
+def test_tool_output_is_forced_after_python_end():
+    table = script(A, PS, "1+2", PE, ord("z"), END)
+    table[OE] = END
+    eng = E.Engine(bigram_params(table), CFG, TOK)
+    got = stream(eng, [A], max_tokens=30)
+    assert [t for t, _ in got] == [PS, *TOK.encode("1+2"), PE, OS, ord("3"), OE, END]
+    assert [m for _, m in got] == [1, 1, 1, 1, 1, 0, 0, 0, 1]
+    without = stream(eng, [A], max_tokens=30, use_tools=False)
+    assert [t for t, _ in without] == [PS, *TOK.encode("1+2"), PE, ord("z"), END]
+    tokens, masks = eng.generate_batch([A], max_tokens=30, temperature=0.0, use_tools=True)
+    assert tokens == [[t for t, _ in got[:-1]]] and masks == [[m for _, m in got[:-1]]]
+
+
+def test_refused_expression_forces_nothing_and_generation_goes_on():
+    table = script(A, PS, "os.getcwd()", PE, ord("z"), END)
+    eng = E.Engine(bigram_params(table), CFG, TOK)
+    got = [t for t, _ in stream(eng, [A], max_tokens=40)]
+    assert got == [PS, *TOK.encode("os.getcwd()"), PE, ord("z"), END]
+
+
+@pytest.mark.parametrize("stop", [END, TOK.bos_id])
+def test_rows_stop_on_assistant_end_or_bos(stop):
+    eng = E.Engine(bigram_params(script(A, ord("b"), ord("c"), stop)), CFG, TOK)
+    tokens, _ = eng.generate_batch([[A], [ord("b")]], max_tokens=20, temperature=0.0)
+    assert tokens == [[ord("b"), ord("c")], [ord("c")]]
+    columns = list(eng.generate([[A], [ord("b")]], max_tokens=20, temperature=0.0))
+    assert len(columns) == 3  # row 1 stops at step 2, row 0 at step 3
+    assert columns[1] == ([ord("c"), stop], [1, 1]) and columns[2] == ([stop, TOK.bos_id], [1, 0])
+
+
+def test_max_tokens_and_context_end_bound_generation():
+    eng = E.Engine(bigram_params({A: ord("b"), ord("b"): A}), CFG, TOK)
+    tokens, _ = eng.generate_batch([A], max_tokens=7, temperature=0.0)
+    assert tokens == [[ord("b"), A] * 3 + [ord("b")]]
+    long_prompt = [A] * (CFG.sequence_len - 5)
+    assert len(list(eng.generate(long_prompt, temperature=0.0))) == 5  # max_tokens None: until the context is full
+    with pytest.raises(ValueError, match="no room"):
+        eng.generate_batch([A] * CFG.sequence_len)
+
+
+def test_twenty_turn_chat_compiles_a_bounded_number_of_times(engine):
+    """Growing prompts (cut to the context like the CLI) hit at most one prefill per length bucket
+    and one decode compile."""
+    before = E.TRACES.copy()
+    prompt = [TOK.bos_id]
+    for turn in range(20):
+        prompt += [TOK.encode_special("<|user_start|>"), *TOK.encode(f"turn {turn}"),
+                   TOK.encode_special("<|user_end|>"), TOK.encode_special("<|assistant_start|>")]
+        prompt = prompt[-(CFG.sequence_len - 16):]
+        stream = engine.generate(prompt, temperature=0.7, top_k=20, seed=turn)  # max_tokens None, as in chat
+        prompt += [col[0] for col, _ in itertools.islice(stream, 6)]
+    buckets = len({64, 128, 256})
+    assert E.TRACES["prefill"] - before["prefill"] <= buckets
+    assert E.TRACES["decode"] - before["decode"] <= 1
