@@ -291,10 +291,10 @@ def load_model(stage: str, step: int | None = None, base_dir: str | None = None,
     base_dir defaults to $NANOCHAT_BASE_DIR, else runs/tiny. Raises config.UserError when missing."""
     from nanochat_jax.checkpoint import check_tokenizer, restore_model
     from nanochat_jax.config import UserError
-    from nanochat_jax.tokenizer import Tokenizer
 
     base_dir = base_dir or os.environ.get("NANOCHAT_BASE_DIR", "runs/tiny")
     params, config, meta = restore_model(base_dir, stage, run_name=run_name, step=step)
+    from nanochat_jax.tokenizer import Tokenizer  # after the restore: a missing checkpoint is the likelier error
     tokenizer_dir = os.path.join(base_dir, "tokenizer")
     if not os.path.isdir(tokenizer_dir):
         raise UserError(f"no tokenizer in {os.path.abspath(tokenizer_dir)}")

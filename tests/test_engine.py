@@ -228,3 +228,57 @@ def test_twenty_turn_chat_compiles_a_bounded_number_of_times(engine):
     buckets = len({64, 128, 256})
     assert E.TRACES["prefill"] - before["prefill"] <= buckets
     assert E.TRACES["decode"] - before["decode"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Python API and CLI session
+
+AS, US, UE = (TOK.encode_special(n) for n in ("<|assistant_start|>", "<|user_start|>", "<|user_end|>"))
+
+
+@pytest.fixture(scope="module")
+def ok_model():
+    """Answers every turn with 'ok'."""
+    return E.ChatModel(E.Engine(bigram_params(script(AS, ord("o"), ord("k"), END)), CFG, TOK))
+
+
+def test_chat_model_api(ok_model):
+    assert ok_model.chat([{"role": "user", "content": "hi"}], temperature=0.0) == "ok"
+    assert list(ok_model.generate([TOK.bos_id, AS], temperature=0.0)) == [ord("o"), ord("k"), END]
+
+
+def test_chat_session_keeps_tokens_refuses_empty_and_cuts_from_the_left(ok_model):
+    import io
+
+    from nanochat_jax.chat_cli import ChatSession
+
+    out = io.StringIO()
+    session = ChatSession(ok_model, temperature=0.0, out=out)
+    assert session.ask("   ") is None and session.history == [] and "empty" in out.getvalue()
+    assert session.ask("hi") == "ok"
+    first = [TOK.bos_id, US, *TOK.encode("hi"), UE, AS, ord("o"), ord("k"), END]
+    assert session.history == first
+    assert session.ask("yo") == "ok"
+    assert session.history == first + [US, *TOK.encode("yo"), UE, AS, ord("o"), ord("k"), END]
+    assert "notice" not in out.getvalue()
+    assert session.ask("x" * 300) == "ok"
+    assert "notice" in out.getvalue() and "dropped" in out.getvalue()
+    assert session.history[0] == TOK.bos_id
+    assert session.history[-9:] == [*TOK.encode("xxxx"), UE, AS, ord("o"), ord("k"), END]
+    assert len(session.history) == CFG.sequence_len - session.reserve + 3
+
+
+def test_cli_refuses_empty_prompt_and_reports_a_missing_checkpoint(tmp_path, capsys):
+    from nanochat_jax.chat_cli import main
+
+    assert main(["-p", "  ", "--base_dir", str(tmp_path)]) == 2
+    assert "non-empty prompt" in capsys.readouterr().err
+    assert main(["--stage", "sft", "--base_dir", str(tmp_path), "-p", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint of stage 'sft'" in err and "Traceback" not in err
+
+
+def test_load_model_is_importable_from_the_package():
+    from nanochat_jax import load_model
+
+    assert load_model is E.load_model
