@@ -40,7 +40,7 @@ def orthogonalize(g, ns_steps=5, eps=1e-7):
 
 
 def shape_scale(shape):
-    """max(1, fan_out / fan_in)^0.5 for an (in, out) kernel: keeps the update's RMS per input unit."""
+    """max(1, fan_out / fan_in)^0.5 for an (in, out) kernel: 2 for the MLP up-projection, else 1."""
     fan_in, fan_out = shape[-2], shape[-1]
     return max(1.0, fan_out / fan_in) ** 0.5
 
