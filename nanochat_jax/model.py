@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -133,8 +134,9 @@ def _resolve_auto(compute_dtype: str, attention: str) -> tuple[str, str]:
 
 
 def rms_norm(x):
-    """RMSNorm without weights over the last axis."""
-    return x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + RMS_EPS)
+    """RMSNorm without weights over the last axis. (x * x, not jnp.square: autodiff of the latter
+    keeps a full-size 2x for the backward pass; this keeps only x and the (.., 1) rsqrt.)"""
+    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
 
 
 def rope_tables(positions_BxT, head_dim: int, dtype):
@@ -155,6 +157,18 @@ def softcap(logits):
     return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
 
+# The two element-wise steps between matmuls run in fp32 but are rematerialised in the backward
+# pass, so only their compute-dtype inputs are kept, never the fp32 intermediates.
+@functools.partial(jax.checkpoint, prevent_cse=False)  # always inside the layer scan
+def rope_qk_norm(x_BxTxNxH, cos, sin):
+    return rms_norm(apply_rope(x_BxTxNxH.astype(cos.dtype), cos, sin)).astype(x_BxTxNxH.dtype)
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def relu_squared(u):
+    return jnp.square(jax.nn.relu(u.astype(jnp.promote_types(u.dtype, jnp.float32)))).astype(u.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Init (SPEC §3)
 
@@ -171,17 +185,22 @@ def _matrix_init(key, shape, dtype=jnp.float32):
 
 
 class Linear(nn.Module):
-    """Bias-free (in, out) matmul: fp32 kernel cast to the compute dtype, accumulated in fp32."""
+    """Bias-free (in, out) matmul of an fp32 kernel cast to the compute dtype.
+
+    fp32_out: the output stays in fp32 (residual adds, logits). Otherwise it is rounded to the
+    compute dtype, which halves the activations kept for the backward pass; the GEMM itself still
+    accumulates in fp32 (XLA's bf16 GEMMs on GPU use an fp32 compute type)."""
     features: int
     cfg: ModelConfig
     kernel_init: Callable[..., Any] = _matrix_init
+    fp32_out: bool = False
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         dtype = self.cfg.dtype
         return lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                               preferred_element_type=self.cfg.acc_dtype)
+                               preferred_element_type=self.cfg.acc_dtype if self.fp32_out else dtype)
 
 
 class Attention(nn.Module):
@@ -195,10 +214,7 @@ class Attention(nn.Module):
         q = Linear(H * hd, cfg, name="c_q")(h_BxTxD).reshape(B, T, H, hd)
         k = Linear(Hkv * hd, cfg, name="c_k")(h_BxTxD).reshape(B, T, Hkv, hd)
         v = Linear(Hkv * hd, cfg, name="c_v")(h_BxTxD).reshape(B, T, Hkv, hd)
-        # QK-norm after RoPE (SPEC §2); fp32 here, the attention kernel gets the compute dtype.
-        q = rms_norm(apply_rope(q, cos, sin)).astype(cfg.dtype)
-        k = rms_norm(apply_rope(k, cos, sin)).astype(cfg.dtype)
-        v = v.astype(cfg.dtype)
+        q, k = rope_qk_norm(q, cos, sin), rope_qk_norm(k, cos, sin)  # QK-norm after RoPE (SPEC §2)
         scale = 1.0 / math.sqrt(hd)
         # GQA: jax's attention groups H query heads over Hkv kv heads (== repeating kv heads).
         if cache is None:
@@ -212,7 +228,7 @@ class Attention(nn.Module):
             mask_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
             y = jax.nn.dot_product_attention(q, cache["k"][layer], cache["v"][layer], scale=scale,
                                              mask=mask_BxTxS[:, None], implementation="xla")
-        out = Linear(cfg.d_model, cfg, nn.initializers.zeros, name="c_proj")(y.reshape(B, T, H * hd))
+        out = Linear(cfg.d_model, cfg, nn.initializers.zeros, fp32_out=True, name="c_proj")(y.reshape(B, T, H * hd))
         return out, cache
 
 
@@ -222,8 +238,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD):
         u = Linear(4 * self.cfg.d_model, self.cfg, name="c_fc")(h_BxTxD)
-        u = jnp.square(jax.nn.relu(u))  # ReLU²
-        return Linear(self.cfg.d_model, self.cfg, nn.initializers.zeros, name="c_proj")(u)
+        u = relu_squared(u)
+        return Linear(self.cfg.d_model, self.cfg, nn.initializers.zeros, fp32_out=True, name="c_proj")(u)
 
 
 class Block(nn.Module):
@@ -251,7 +267,7 @@ class GPT(nn.Module):
         self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                               length=cfg.depth)(cfg)
-        self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros)
+        self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros, fp32_out=True)
 
     def hidden(self, tokens_BxT, positions_B=None, cache=None):
         """Final normed residual (B, T, D) in fp32, and the updated cache (None when training)."""
