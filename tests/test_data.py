@@ -398,7 +398,7 @@ def test_ensure_corpus_fineweb_downloads_the_configured_shards(tmp_path, shard_s
 def test_with_the_real_tokenizer(tmp_path):
     tokenizer = pytest.importorskip("nanochat_jax.tokenizer")
     files = _corpus(tmp_path, n_files=2, docs_per_file=30)
-    tok = tokenizer.Tokenizer.train(list(data.iter_texts(files)), 300)
+    tok = tokenizer.Tokenizer.train(list(data.iter_texts(files)), 280)
     B, T = 2, 64
     val = data.make_val_batches(files, tok, B, T, num_tokens=B * T * 2)
     rows = np.concatenate([b.ravel() for b in val])
