@@ -9,6 +9,7 @@ when it outgrows the context, the oldest tokens are dropped (with a notice).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import TextIO
 
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     if args.prompt is not None and not args.prompt.strip():
         print("Please give a non-empty prompt with -p.", file=sys.stderr)
         return 2
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-restore chatter
     try:
         model, _, meta = load_model(args.stage, step=args.step, base_dir=args.base_dir, run_name=args.run_name)
     except UserError as e:

@@ -137,6 +137,11 @@ def generate_on_device(params, cfg, tokens_BxT, lengths_B, key, temperature, max
 # Engine
 
 
+def _as_batch(prompts) -> list:
+    """One prompt (list of ids) or several -> a list of prompts."""
+    return [prompts] if prompts and isinstance(prompts[0], (int, np.integer)) else list(prompts)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -165,8 +170,7 @@ class Engine:
 
     def _layout(self, prompts, max_tokens):
         """Pad prompts to a bucket; pick the cache length -> (tokens_BxT, lengths_B, max_len, max_tokens)."""
-        if prompts and isinstance(prompts[0], (int, np.integer)):
-            prompts = [prompts]
+        prompts = _as_batch(prompts)
         lengths = [len(p) for p in prompts]
         seq = self.cfg.sequence_len
         if not prompts or min(lengths) == 0:
@@ -190,7 +194,7 @@ class Engine:
         """Completions of one prompt (list of ids) or several, num_samples rows each, without the stop
         token -> (tokens, masks); mask 0 marks forced tool output. On device unless use_tools."""
         if use_tools:
-            n_rows = num_samples * (1 if prompts and isinstance(prompts[0], (int, np.integer)) else len(prompts))
+            n_rows = num_samples * len(_as_batch(prompts))
             rows, masks, done = [[] for _ in range(n_rows)], [[] for _ in range(n_rows)], [False] * n_rows
             for column, mask in self.generate(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed):
                 for i, (t, m) in enumerate(zip(column, mask)):
@@ -273,8 +277,7 @@ class ChatModel:
 
     def prompt_tokens(self, messages: list[dict]) -> list[int]:
         """<|bos|> + the conversation + <|assistant_start|>, ready for the assistant's reply."""
-        conversation = {"messages": list(messages) + [{"role": "assistant", "content": ""}]}
-        return self.tokenizer.render_for_completion(conversation)
+        return self.tokenizer.render_for_completion({"messages": list(messages)})
 
     def reply_text(self, reply_tokens: list[int]) -> str:
         return self.tokenizer.decode([t for t in reply_tokens if t not in self.engine.stop_ids])

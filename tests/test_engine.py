@@ -29,7 +29,7 @@ class ByteTokenizer:
     def render_for_completion(self, conversation):
         sp = self.encode_special
         ids = [self.bos_id]
-        for m in conversation["messages"][:-1]:
+        for m in conversation["messages"]:
             role = "<|user_start|>" if m["role"] == "user" else "<|assistant_start|>"
             ids += [sp(role), *self.encode(m["content"]), sp(role.replace("start", "end"))]
         return ids + [sp("<|assistant_start|>")]
@@ -282,3 +282,36 @@ def test_load_model_is_importable_from_the_package():
     from nanochat_jax import load_model
 
     assert load_model is E.load_model
+
+
+def test_cli_end_to_end_through_a_saved_checkpoint(tmp_path):
+    """Train a tiny tokenizer, save a tiny random model through checkpoint.py, answer one prompt
+    with `python -m nanochat_jax.chat_cli`."""
+    import os
+    import subprocess
+    import sys
+
+    tokenizer_lib = pytest.importorskip("nanochat_jax.tokenizer")
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+    from nanochat_jax.config import base_config
+
+    texts = [f"hello world, the cat number {i} sat on {i * 7} mats; quick brown fox." for i in range(300)]
+    tok = tokenizer_lib.Tokenizer.train(texts, 300)
+    tok.save(str(tmp_path / "tokenizer"))
+    config = base_config()
+    config.model.depth, config.model.head_dim, config.model.sequence_len = 1, 64, 128
+    config.model.compute_dtype, config.tokenizer.vocab_size = "float32", tok.vocab_size
+    params = M.init_params(M.ModelConfig.from_config(config), jax.random.key(0))
+    ckpt = Checkpointer(checkpoint_dir(str(tmp_path), "sft", "tiny"), async_save=False)
+    ckpt.save(3, params, {"count": jnp.zeros((), jnp.int32)}, {"step": 3},
+              {"config": config.to_json(), "tokenizer_hash": tok.hash})
+    ckpt.close()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "nanochat_jax.chat_cli", "--base_dir", str(tmp_path),
+                                        *args], capture_output=True, text=True, env=env, timeout=300)
+    done = run("--stage", "sft", "-p", "hello " * 200, "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    assert "notice" in done.stdout and "dropped" in done.stdout  # 200+ tokens > the 128-token context
+    missing = run("--stage", "sft", "--step", "7", "-p", "hello")
+    assert missing.returncode == 2 and "no checkpoint at step 7" in missing.stderr
+    assert "Traceback" not in missing.stderr
