@@ -228,8 +228,8 @@ class Attention(nn.Module):
             mask_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
             y = jax.nn.dot_product_attention(q, cache["k"][layer], cache["v"][layer], scale=scale,
                                              mask=mask_BxTxS[:, None], implementation="xla")
-        out = Linear(cfg.d_model, cfg, nn.initializers.zeros, fp32_out=True, name="c_proj")(y.reshape(B, T, H * hd))
-        return out, cache
+        out_proj = Linear(cfg.d_model, cfg, nn.initializers.zeros, fp32_out=True, name="c_proj")
+        return out_proj(y.reshape(B, T, H * hd)), cache
 
 
 class MLP(nn.Module):
