@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import regex  # a dependency of tiktoken
 
-from nanochat_jax import data, tokenizer as tokenizer_lib
+from nanochat_jax import _rustbpe, data, tokenizer as tokenizer_lib
 from nanochat_jax.config import UserError, base_config
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
@@ -193,6 +193,10 @@ def test_training_errors(train_texts):
         Tokenizer.train(["ok", 3], 300)
     with pytest.raises(TypeError, match="not a single str"):
         Tokenizer.train("a whole text", 300)
+    with pytest.raises(ValueError, match="at least 256"):  # the Rust trainer's own checks
+        _rustbpe.train(iter(["abc"]), 255)
+    with pytest.raises(ValueError, match="invalid split pattern"):
+        _rustbpe.train(iter(["abc"]), 300, pattern="(unclosed")
 
     def failing():
         yield "some text"
@@ -200,6 +204,16 @@ def test_training_errors(train_texts):
 
     with pytest.raises(OSError, match="disk went away"):  # the iterator's own error comes through
         Tokenizer.train(failing(), 300)
+
+
+def test_one_enormous_document(train_texts):
+    # 3 MB in one document with million-character runs (a regex VM gives up on those: PyPI rustbpe
+    # panics); the result is the same as for the text cut at line starts into many documents.
+    text = "\n".join(train_texts) + "\n" + "x" * 1_000_000 + " " * 1_000_000 + "\n" * 1_000 + "end"
+    one = Tokenizer.train([text], 400)
+    pieces = regex.split(r"(?<=\n)(?=\S)", text)
+    assert len(pieces) > 100 and Tokenizer.train(pieces, 400).hash == one.hash
+    assert one.decode(one.encode(text)) == text
 
 
 def test_invalid_utf8_is_replaced_and_counted(caplog):
