@@ -168,8 +168,9 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
-    def _layout(self, prompts, max_tokens):
-        """Pad prompts to a bucket; pick the cache length -> (tokens_BxT, lengths_B, max_len, max_tokens)."""
+    def _layout(self, prompts, num_samples, max_tokens, top_k, top_p):
+        """Check the arguments, pad prompts to a bucket, pick the cache length
+        -> (tokens_BxT, lengths_B, max_len, max_tokens)."""
         prompts = _as_batch(prompts)
         lengths = [len(p) for p in prompts]
         seq = self.cfg.sequence_len
@@ -179,6 +180,9 @@ class Engine:
             raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in the {seq}-token context")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if num_samples < 1 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"need num_samples >= 1, top_k >= 1 or None, top_p in (0, 1] or None; "
+                             f"got {num_samples}, {top_k}, {top_p}")
         T = min(seq, max(MIN_PROMPT_BUCKET, 1 << (max(lengths) - 1).bit_length()))
         needed = seq if max_tokens is None else max(lengths) + max_tokens
         max_len = min(seq, max(T, _round_up(needed, CACHE_LEN_MULTIPLE)))
@@ -203,7 +207,7 @@ class Engine:
                         rows[i].append(t)
                         masks[i].append(m)
             return rows, masks
-        tokens, lengths, max_len, max_tokens = self._layout(prompts, max_tokens)
+        tokens, lengths, max_len, max_tokens = self._layout(prompts, num_samples, max_tokens, top_k, top_p)
         out = np.asarray(generate_on_device(
             self.params, self.cfg, tokens, lengths, jax.random.key(seed), jnp.float32(temperature),
             jnp.int32(max_tokens), top_k=top_k, top_p=top_p, max_len=max_len, copies=num_samples,
@@ -220,7 +224,7 @@ class Engine:
         """Stream (token per row, mask per row) each step. A row's stop token is yielded (mask 1);
         after it the row yields bos_id with mask 0. Ends when all rows stopped or after max_tokens
         (None: until the context is full)."""
-        tokens, lengths, max_len, max_tokens = self._layout(prompts, max_tokens)
+        tokens, lengths, max_len, max_tokens = self._layout(prompts, num_samples, max_tokens, top_k, top_p)
         logits, cache, positions = prefill(self.params, self.cfg, tokens, lengths, max_len=max_len, copies=num_samples)
         n_rows = logits.shape[0]
         key, temperature = jax.random.key(seed), jnp.float32(temperature)

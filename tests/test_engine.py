@@ -212,6 +212,11 @@ def test_max_tokens_and_context_end_bound_generation():
     assert len(list(eng.generate(long_prompt, temperature=0.0))) == 5  # max_tokens None: until the context is full
     with pytest.raises(ValueError, match="no room"):
         eng.generate_batch([A] * CFG.sequence_len)
+    for bad in (dict(num_samples=0), dict(top_k=0), dict(top_p=0.0), dict(max_tokens=0)):
+        with pytest.raises(ValueError):
+            eng.generate_batch([A], **bad)
+    with pytest.raises(ValueError, match="at least one token"):
+        eng.generate_batch([[A], []])
 
 
 def test_twenty_turn_chat_compiles_a_bounded_number_of_times(engine):
