@@ -124,9 +124,7 @@ fn contraction(text: &str, i: usize) -> Option<usize> {
     }
     let c2 = cs.next()?;
     let two = [('l', 'l'), ('v', 'e'), ('r', 'e')];
-    two.iter()
-        .any(|&(a, b)| folds_to(c1, a) && folds_to(c2, b))
-        .then(|| i + c1.len_utf8() + c2.len_utf8())
+    two.iter().any(|&(a, b)| folds_to(c1, a) && folds_to(c2, b)).then(|| i + c1.len_utf8() + c2.len_utf8())
 }
 
 /// Whitespace starting at `i` (no letter follows a non-newline first character):

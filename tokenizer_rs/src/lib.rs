@@ -3,9 +3,9 @@
 
 pub mod bpe;
 pub mod gpt4split;
-pub mod split;
 #[cfg(feature = "pyo3")]
 mod python;
+pub mod split;
 
 use std::fmt;
 
@@ -18,6 +18,7 @@ pub enum TrainError {
     BadPattern(String),
     Regex(String),
     NotEnoughText { learned: usize, wanted: usize },
+    TooLarge(usize),
 }
 
 impl fmt::Display for TrainError {
@@ -32,6 +33,11 @@ impl fmt::Display for TrainError {
                 "the training text only supports {learned} merges but vocab_size needs {wanted}: \
                  give more text or a vocab_size of at most {}",
                 256 + learned
+            ),
+            Self::TooLarge(n) => write!(
+                f,
+                "the distinct chunks of the training text hold {n} bytes, more than the trainer's 2^32 - 1: \
+                 train on less text (max_chars)"
             ),
         }
     }
@@ -53,6 +59,10 @@ pub fn finish(counter: ChunkCounter, vocab_size: usize) -> Result<Vec<Vec<u8>>, 
     let counts = counter.into_counts();
     if counts.is_empty() {
         return Err(TrainError::EmptyInput);
+    }
+    let total: usize = counts.keys().map(String::len).sum();
+    if total >= u32::MAX as usize {
+        return Err(TrainError::TooLarge(total)); // symbol positions are u32
     }
     let wanted = vocab_size - 256;
     let merges = bpe::learn_merges(counts.iter().map(|(k, &n)| (k.as_bytes(), n)), wanted);

@@ -35,10 +35,7 @@ fn document_text(item: &Bound<'_, PyAny>, replaced: &mut u64) -> PyResult<String
     if let Ok(b) = item.downcast::<PyBytes>() {
         return Ok(lossy(b.as_bytes(), replaced));
     }
-    Err(PyTypeError::new_err(format!(
-        "training documents must be str or bytes, got {}",
-        item.get_type().name()?
-    )))
+    Err(PyTypeError::new_err(format!("training documents must be str or bytes, got {}", item.get_type().name()?)))
 }
 
 fn lossy(bytes: &[u8], replaced: &mut u64) -> String {
@@ -53,12 +50,14 @@ fn lossy(bytes: &[u8], replaced: &mut u64) -> String {
     out
 }
 
+/// Mergeable ranks as (token bytes, rank) pairs, and the stats of the text read.
+type Trained<'py> = (Vec<(Bound<'py, PyBytes>, usize)>, Bound<'py, PyDict>);
+
 type Worker = JoinHandle<(ChunkCounter, Result<(), TrainError>)>;
 
 fn join(py: Python<'_>, worker: Worker) -> PyResult<ChunkCounter> {
-    let (counter, result) = py
-        .allow_threads(|| worker.join())
-        .map_err(|_| PyValueError::new_err("BPE counting thread panicked"))?;
+    let (counter, result) =
+        py.allow_threads(|| worker.join()).map_err(|_| PyValueError::new_err("BPE counting thread panicked"))?;
     result?;
     Ok(counter)
 }
@@ -71,7 +70,7 @@ fn train<'py>(
     vocab_size: usize,
     pattern: &str,
     batch_bytes: usize,
-) -> PyResult<(Vec<(Bound<'py, PyBytes>, usize)>, Bound<'py, PyDict>)> {
+) -> PyResult<Trained<'py>> {
     check_vocab_size(vocab_size)?;
     let mut counter = Some(ChunkCounter::new(pattern)?);
     let mut worker: Option<Worker> = None;

@@ -8,7 +8,8 @@ use rustc_hash::FxHashMap;
 use crate::{gpt4split, TrainError};
 
 /// SPEC §5: GPT-4's pattern with numbers in groups of 1-2 digits.
-pub const SPLIT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+pub const SPLIT_PATTERN: &str =
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
 /// Documents longer than this are cut into pieces so that one enormous document still spreads
 /// over all cores.

@@ -27,10 +27,7 @@ fn hand_checked_counts_across_chunks() {
     let tokens = train(&["ab ab ab cd"], 260, SPLIT_PATTERN).unwrap();
     assert_eq!(learned(&tokens), ["ab", " ab", " c", " cd"]);
     // Nothing is left to merge: asking for one more is a clear error.
-    assert_eq!(
-        train(&["ab ab ab cd"], 261, SPLIT_PATTERN),
-        Err(TrainError::NotEnoughText { learned: 4, wanted: 5 })
-    );
+    assert_eq!(train(&["ab ab ab cd"], 261, SPLIT_PATTERN), Err(TrainError::NotEnoughText { learned: 4, wanted: 5 }));
 }
 
 #[test]
