@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.base_url = "https://hfp.19830613.xyz/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
     c.data.download_workers = 4
     c.data.tokenizer_threads = 4
-    c.data.shuffle_buffer = 0  # 0: read documents in shard order (as the reference)
+    c.data.shuffle = False  # False: read documents in shard order (as the reference); True: seeded row-group shuffle
 
     # --- base training (SPEC §4); mid / sft get sections of the same shape when they land ---
     c.train = ml_collections.ConfigDict()
@@ -113,7 +113,7 @@ _FRACTIONS = (
     "train.adam_b1", "train.adam_b2", "train.muon_momentum_start", "train.muon_momentum_end",
 )
 _NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "train.weight_decay", "train.grad_clip",
-                 "train.muon_momentum_warmup_steps", "data.shuffle_buffer")
+                 "train.muon_momentum_warmup_steps")
 
 
 def _get(c, dotted):

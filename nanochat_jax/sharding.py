@@ -1,0 +1,81 @@
+"""The device mesh and how arrays are laid out on it: one code path for 1, 8 fake and 8 real devices.
+
+Mesh axes: `data` (pure data parallelism) x `fsdp` (data parallelism whose params and optimizer
+state are also split ZeRO-3 style). The batch is split over both axes; every param / optimizer-state
+leaf is split over `fsdp` along one dimension chosen from its shape alone, so params and their Adam
+moments / Muon momenta always share a layout.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nanochat_jax.config import ConfigError
+
+log = logging.getLogger(__name__)
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed() -> None:
+    """Join a multi-host run when the launcher says so (see README); a no-op on one host."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("NANOCHAT_DISTRIBUTED") == "1":
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+            log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    fsdp = n if mesh_cfg.fsdp == -1 else mesh_cfg.fsdp
+    data = n // fsdp if mesh_cfg.data == -1 else mesh_cfg.data
+    if data * fsdp != n:
+        raise ConfigError(f"config.mesh: data={mesh_cfg.data} x fsdp={mesh_cfg.fsdp} does not cover the {n} devices "
+                          f"(use -1 for 'all the rest')")
+    try:  # topology-aware order on GPUs/TPUs; plain order for fake CPU devices
+        grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.array(devices).reshape(data, fsdp)
+    return Mesh(grid, BATCH_AXES)
+
+
+def spec_for_shape(shape: tuple[int, ...], fsdp: int) -> P:
+    """Where a param-like leaf is split over `fsdp`: a layer stack (L, in, out) along L when L divides
+    (each device then owns whole matrices, so Muon orthogonalises only its own), otherwise along the
+    largest dimension that divides; replicated when nothing divides or there is no fsdp axis."""
+    if fsdp == 1 or len(shape) == 0:
+        return P()
+    if len(shape) == 3 and shape[0] % fsdp == 0:
+        return P("fsdp", None, None)
+    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+        if shape[d] % fsdp == 0:
+            return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
+    return P()
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+    """NamedSharding for every leaf of a tree of arrays / ShapeDtypeStructs (params, opt state, ...)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, spec_for_shape(tuple(x.shape), fsdp)), abstract_tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Split dimension `batch_dim` of an ndim-array over every device; the rest replicated."""
+    spec = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """This process's rows -> one global jax.Array laid out by `sharding` (works on 1 or many hosts)."""
+    return jax.make_array_from_process_local_data(sharding, local_rows)

@@ -1,0 +1,309 @@
+"""The one training loop (base now; mid and SFT differ only in data and schedule) on a device mesh.
+
+`train_step(params, opt_state, batch_AxBxT1)` is jitted once with the state donated; the A
+micro-batches of a step run inside it as a `lax.scan` (gradient accumulation), so the total batch
+(524,288 tokens for d20) is the same on 1, 8 fake or 8 real devices. The loop saves Orbax
+checkpoints, resumes from the latest complete one, and saves on SIGTERM / SIGINT before exiting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from nanochat_jax import checkpoint as ckpt_lib
+from nanochat_jax import data as data_lib
+from nanochat_jax import model as model_lib
+from nanochat_jax import optim, report, sharding
+from nanochat_jax.config import ConfigError, UserError
+from nanochat_jax.tokenizer import Tokenizer, tokenizer_dir
+
+log = logging.getLogger(__name__)
+
+# dense bf16 peak per chip, for MFU (SPEC/PERF use 989e12 for the H100)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is")
+
+
+def num_iterations(train_cfg, model_cfg) -> int:
+    """SPEC §4: an explicit count, else target FLOPs, else Chinchilla tokens:params."""
+    if train_cfg.num_iterations > 0:
+        return train_cfg.num_iterations
+    if train_cfg.target_flops > 0:
+        return max(1, round(train_cfg.target_flops / (model_lib.estimate_flops(model_cfg) * train_cfg.total_batch_size)))
+    n_params = model_lib.param_counts(model_cfg)["total"]
+    return max(1, train_cfg.target_param_data_ratio * n_params // train_cfg.total_batch_size)
+
+
+def grad_accum_steps(train_cfg, seq_len: int, n_devices: int) -> int:
+    rows_per_micro = train_cfg.device_batch_size * n_devices
+    tokens_per_micro = rows_per_micro * seq_len
+    if train_cfg.total_batch_size % tokens_per_micro:
+        raise ConfigError(f"config.train.total_batch_size={train_cfg.total_batch_size} must be a multiple of "
+                          f"device_batch_size x devices x sequence_len = {train_cfg.device_batch_size} x {n_devices} x "
+                          f"{seq_len} = {tokens_per_micro}")
+    return train_cfg.total_batch_size // tokens_per_micro
+
+
+def make_train_step(model_cfg, optimizer):
+    def train_step(params, opt_state, batch_AxBxT1):
+        def micro_step(grad_sum, rows_BxT1):
+            (loss, _), grads = jax.value_and_grad(model_lib.loss_fn, has_aux=True)(
+                params, model_cfg, rows_BxT1[:, :-1], rows_BxT1[:, 1:])
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        grad_sum, losses = jax.lax.scan(micro_step, jax.tree.map(jnp.zeros_like, params), batch_AxBxT1)
+        grads = jax.tree.map(lambda g: g / batch_AxBxT1.shape[0], grad_sum)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": jnp.mean(losses), "grad_norm": optax.tree.norm(grads)}
+    return train_step
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT only raise a flag: the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """After a resume, drop metric lines of steps that are about to be recomputed."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        # a line without its newline was cut by a kill mid-write
+        keep = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def greedy_samples(params, model_cfg, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
+    """A few greedy continuations (a fixed (1, T) window: one compile, no KV cache needed here)."""
+    T = model_cfg.sequence_len
+    logits_at = jax.jit(lambda p, toks, i: model_lib.logits_fn(p, model_cfg, toks)[0, i])
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend_bos=True)[-(T - max_tokens):]
+        window = np.zeros((1, T), np.int32)
+        window[0, :len(ids)] = ids
+        n = len(ids)
+        for _ in range(max_tokens):
+            window[0, n] = int(jnp.argmax(logits_at(params, window, n - 1)))
+            n += 1
+        out.append(prompt + tokenizer.decode(window[0, len(ids):n].tolist()))
+    return out
+
+
+def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches, init_params=None,
+               devices=None) -> dict:
+    """Train `stage` to train_cfg's horizon, resuming from its latest checkpoint; returns the summary.
+    `devices` (default: all) is the set the mesh spans."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model_cfg = model_lib.ModelConfig.from_config(config)
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"config.tokenizer.vocab_size={model_cfg.vocab_size} but the tokenizer on disk has "
+                        f"{tokenizer.vocab_size} tokens: retrain the tokenizer (--stages=tokenizer --force)")
+    n_iter = num_iterations(train_cfg, model_cfg)
+    accum = grad_accum_steps(train_cfg, model_cfg.sequence_len, mesh.size)
+    optimizer = optim.build_optimizer(train_cfg, model_cfg, n_iter)
+
+    def init_state(key):
+        params = model_lib.init_params(model_cfg, key) if init_params is None else init_params
+        return params, optimizer.init(params)
+
+    key = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init_state, key)
+    state_shardings = sharding.tree_shardings(abstract, mesh)
+    batch_shard = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+    step_fn = jax.jit(make_train_step(model_cfg, optimizer), donate_argnums=(0, 1),
+                      in_shardings=(*state_shardings, batch_shard),
+                      out_shardings=(*state_shardings, sharding.replicated(mesh)))
+    per_token_loss = jax.jit(lambda p, rows: model_lib.loss_fn(p, model_cfg, rows[:, :-1], rows[:, 1:])[1],
+                             in_shardings=(state_shardings[0], sharding.batch_sharding(mesh, ndim=2)))
+    token_bytes = tokenizer.token_bytes()
+    val_shard = sharding.batch_sharding(mesh, ndim=2)
+
+    def val_bpb(params) -> float:
+        return data_lib.evaluate_bpb(
+            lambda rows: np.asarray(per_token_loss(params, sharding.global_batch(rows, val_shard))), val_batches, token_bytes)
+
+    ckpt = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(config.base_dir, stage, config.run_name),
+                                 keep=train_cfg.keep_checkpoints)
+    metrics_path = os.path.join(config.base_dir, "logs", f"{stage}.jsonl")
+    os.makedirs(os.path.dirname(metrics_path), exist_ok=True)
+    start = ckpt.latest_step()
+    if start is None:
+        params, opt_state = jax.jit(init_state, out_shardings=state_shardings)(key)
+        start, history = 0, {}
+        _truncate_metrics(metrics_path, -1)
+    else:
+        params, opt_state, train_state, meta = ckpt.restore(start, *(ckpt_lib.abstract_like(a, s) for a, s in
+                                                                    zip(abstract, state_shardings)))
+        ckpt_lib.check_tokenizer(meta, tokenizer.hash, f"{ckpt.directory}/{start}")
+        data_iter.set_state(train_state["data"])
+        history = meta.get("history", {})
+        _truncate_metrics(metrics_path, start)
+        log.info("%s: resumed from step %d of %d (%s)", stage, start, n_iter, ckpt.directory)
+
+    def save(step, params, opt_state):
+        meta = dict(config=config.to_json(), tokenizer_hash=tokenizer.hash, stage=stage, step=step, history=history)
+        ckpt.save(step, params, opt_state, train=dict(step=step, seed=config.seed, data=data_iter.get_state()), meta=meta)
+
+    rows_per_step = train_cfg.total_batch_size // model_cfg.sequence_len
+    local_rows = rows_per_step // jax.process_count()
+    flops_per_step = model_lib.estimate_flops(model_cfg) * train_cfg.total_batch_size
+    peak = peak_flops()
+    n_params = model_lib.param_counts(model_cfg)["total"]
+    log.info("%s: %s params, %d steps x %d tokens (%d micro-steps of %d rows on %d devices, mesh %s)", stage,
+             f"{n_params:,}", n_iter, train_cfg.total_batch_size, accum, rows_per_step // accum, mesh.size,
+             dict(mesh.shape))
+    if start == 0 and "bpb" not in history:
+        history["bpb"] = [[0, val_bpb(params)]]
+        log.info("%s: step 0 val bpb %.4f", stage, history["bpb"][0][1])
+
+    stop = _StopSignal()
+    loss_ema, t_train, steps_timed = None, 0.0, 0
+    bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc=stage, dynamic_ncols=True,
+               disable=not sys.stderr.isatty() or jax.process_index() != 0)
+    try:
+        with open(metrics_path, "a") as metrics_file:
+            for step in bar:
+                rows = next(data_iter)  # (local_rows, T+1): one step's rows, whatever the device count
+                batch = sharding.global_batch(rows.reshape(accum, local_rows // accum, -1), batch_shard)
+                t0 = time.perf_counter()
+                params, opt_state, m = step_fn(params, opt_state, batch)
+                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # blocks: honest step time
+                dt = time.perf_counter() - t0
+                if step > start:  # the first step of a process includes compilation
+                    t_train, steps_timed = t_train + dt, steps_timed + 1
+                loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+                tok_s = train_cfg.total_batch_size / dt
+                mfu = flops_per_step / dt / (peak * mesh.size) if peak else float("nan")
+                lrm = optim.lr_multiplier(step, n_iter, train_cfg.warmup_ratio, train_cfg.warmdown_ratio,
+                                          train_cfg.final_lr_frac)
+                record = dict(step=step + 1, loss=loss, loss_ema=loss_ema, lr_mult=float(lrm), grad_norm=grad_norm,
+                              dt=dt, tok_s=tok_s, mfu=mfu)
+                done = step + 1
+                if done % train_cfg.eval_every == 0 or done == n_iter:
+                    record["val_bpb"] = val_bpb(params)
+                    history.setdefault("bpb", []).append([done, record["val_bpb"]])
+                    log.info("%s: step %d val bpb %.4f", stage, done, record["val_bpb"])
+                if done % train_cfg.sample_every == 0 or done == n_iter:
+                    record["samples"] = greedy_samples(params, model_cfg, tokenizer)
+                    for s in record["samples"]:
+                        log.info("%s sample: %s", stage, s.replace("\n", " "))
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                status = (f"loss {loss_ema:.3f} lr {float(lrm):.2f} gn {grad_norm:.2f} {tok_s:,.0f} tok/s "
+                          f"mfu {100 * mfu:.1f}% {1000 * dt:.0f} ms")
+                bar.set_postfix_str(status)
+                if bar.disable and done % train_cfg.log_every == 0:  # no terminal: log lines instead of a bar
+                    log.info("%s step %d/%d: %s", stage, done, n_iter, status)
+                if done % train_cfg.save_every == 0 or done == n_iter or stop.signum:
+                    save(done, params, opt_state)
+                if stop.signum:
+                    ckpt.wait()
+                    name = signal.Signals(stop.signum).name
+                    print(f"\n{stage}: {name} at step {done}: checkpoint saved in {ckpt.directory}; "
+                          f"rerun the same command to resume", file=sys.stderr)
+                    raise SystemExit(128 + stop.signum)
+    finally:
+        stop.restore()
+        ckpt.close()
+    return dict(params=params, model_cfg=model_cfg, n_iter=n_iter, history=history, metrics_path=metrics_path,
+                checkpoint=os.path.join(ckpt.directory, str(n_iter)), seconds_per_step=t_train / max(steps_timed, 1),
+                mfu=flops_per_step / (t_train / steps_timed) / (peak * mesh.size) if peak and steps_timed else None)
+
+
+def _load_tokenizer(config) -> Tokenizer:
+    path = tokenizer_dir(config)
+    if not os.path.isdir(path):
+        raise UserError(f"no tokenizer in {path}: run the tokenizer stage first (--stages=tokenizer,base)")
+    return Tokenizer.load(path)
+
+
+def stage_done(config) -> bool:
+    model_cfg = model_lib.ModelConfig.from_config(config)
+    final = os.path.join(ckpt_lib.checkpoint_dir(config.base_dir, "base", config.run_name),
+                         str(num_iterations(config.train, model_cfg)))
+    return os.path.isdir(final)  # Orbax renames a step directory into place only once it is complete
+
+
+def _loss_curve_png(metrics_path: str, history: dict, out_path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label="train loss")
+    ax[0].plot([r["step"] for r in records], [r["loss_ema"] for r in records], lw=1.5, label="EMA")
+    ax[0].set_xlabel("step"), ax[0].set_ylabel("loss (nats)"), ax[0].legend()
+    bpb = history.get("bpb", [])
+    ax[1].plot([s for s, _ in bpb], [v for _, v in bpb], marker="o")
+    ax[1].set_xlabel("step"), ax[1].set_ylabel("val bits per byte")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def run_stage(config) -> dict:
+    """Pipeline stage `base`: pretrain on the corpus' train shards, evaluate on its last shard."""
+    sharding.maybe_initialize_distributed()
+    tokenizer = _load_tokenizer(config)
+    files = data_lib.ensure_corpus(config)
+    seq_len, n_dev = config.model.sequence_len, jax.device_count()
+    local_rows = config.train.total_batch_size // seq_len // jax.process_count()
+    data_iter = data_lib.make_train_iterator(files[:-1], tokenizer, batch_size=local_rows, seq_len=seq_len,
+                                             process_index=jax.process_index(), process_count=jax.process_count(),
+                                             seed=config.seed, shuffle=config.data.shuffle,
+                                             num_threads=config.data.tokenizer_threads)
+    val_rows = config.train.device_batch_size * n_dev
+    val_batches = data_lib.make_val_batches(files[-1:], tokenizer, batch_size=val_rows, seq_len=seq_len,
+                                            num_tokens=config.train.eval_tokens)
+    t0 = time.time()
+    out = train_loop(config, "base", config.train, tokenizer, data_iter, val_batches)
+    bpb = out["history"]["bpb"]
+    os.makedirs(report.report_dir(config.base_dir), exist_ok=True)
+    png = _loss_curve_png(out["metrics_path"], out["history"], os.path.join(report.report_dir(config.base_dir),
+                                                                            "base_loss.png"))
+    samples = greedy_samples(out["params"], out["model_cfg"], tokenizer)
+    metrics = {"val_bpb_step0": bpb[0][1], "val_bpb_final": bpb[-1][1], "steps": out["n_iter"],
+               "tokens_seen": out["n_iter"] * config.train.total_batch_size,
+               "seconds_per_step": out["seconds_per_step"], "wall_seconds": time.time() - t0}
+    if out["mfu"] is not None:
+        metrics["mfu"] = out["mfu"]
+    print("\nsamples from the base model (greedy):")
+    for s in samples:
+        print("  " + s.replace("\n", " "))
+    print(f"checkpoint: {out['checkpoint']}")
+    md = (f"## Base training\n\n{report.format_metrics(metrics)}\n\n![loss]({os.path.basename(png)})\n\n"
+          "Samples (greedy):\n\n" + "\n".join(f"- `{s!r}`" for s in samples) + "\n")
+    return dict(outputs=[out["checkpoint"], png], metrics=metrics, report=md)
