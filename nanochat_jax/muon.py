@@ -24,9 +24,9 @@ class MuonState(NamedTuple):
     momentum: optax.Updates  # one buffer per parameter, same shape and dtype
 
 
-def orthogonalize(g, ns_steps=5, eps=1e-7):
-    """Approximate U V^T of each matrix in the last two axes of `g` (returned in bfloat16)."""
-    x = g.astype(jnp.bfloat16)
+def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
+    """Approximate U V^T of each matrix in the last two axes of `g`, iterated in `dtype`."""
+    x = g.astype(dtype)
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:  # iterate on X X^T of the smaller side: cheaper, and the same result transposed
         x = jnp.swapaxes(x, -1, -2)
@@ -45,8 +45,11 @@ def shape_scale(shape):
     return max(1.0, fan_out / fan_in) ** 0.5
 
 
-def muon(learning_rate, momentum, nesterov=True, ns_steps=5, eps=1e-7) -> optax.GradientTransformation:
+def muon(learning_rate, momentum, nesterov=True, ns_steps=5, eps=1e-7,
+         ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
     """Muon as an optax transform; `learning_rate` and `momentum` are floats or schedules of the step.
+    `ns_dtype`: bf16 as SPEC §4 (on GPUs); fp32 where the model computes in fp32 (CPU, T4), where bf16
+    matmuls are slow and would also make results depend on how the stack is split over devices.
 
     Per parameter: buf <- lerp(buf, g, 1 - mu); g <- lerp(g, buf, mu) (Nesterov) or buf;
     update = -lr * max(1, out/in)^0.5 * NS5(g).
@@ -70,7 +73,7 @@ def muon(learning_rate, momentum, nesterov=True, ns_steps=5, eps=1e-7) -> optax.
 
         def one(g, buf):
             g = (1 - mu) * g + mu * buf if nesterov else buf  # lerp(g, buf, mu)
-            return -lr * shape_scale(g.shape) * orthogonalize(g, ns_steps, eps).astype(buf.dtype)
+            return -lr * shape_scale(g.shape) * orthogonalize(g, ns_steps, eps, ns_dtype).astype(buf.dtype)
 
         new_updates = jax.tree.map(one, updates, buffers)
         return new_updates, MuonState(count=optax.safe_increment(state.count), momentum=buffers)

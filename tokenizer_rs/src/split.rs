@@ -1,5 +1,5 @@
-//! Pre-splitting documents into chunks with the split regex and counting the distinct chunks,
-//! in parallel over the documents of a batch.
+//! Pre-splitting documents into chunks (the linear scanner for SPLIT_PATTERN, fancy-regex for any
+//! other pattern) and counting the distinct chunks, in parallel over the documents of a batch.
 
 use fancy_regex::Regex;
 use rayon::prelude::*;
@@ -12,7 +12,7 @@ pub const SPLIT_PATTERN: &str =
     r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
 /// Documents longer than this are cut into pieces so that one enormous document still spreads
-/// over all cores.
+/// over all cores (SPLIT_PATTERN only: `segments` is exact for it, not for any pattern).
 const SEGMENT_BYTES: usize = 1 << 20;
 
 /// Accumulates chunk -> count over every batch of documents it is given.
@@ -38,8 +38,9 @@ impl ChunkCounter {
 
     /// Split and count one batch of documents on all cores, then fold it into the totals.
     pub fn add_batch<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<(), TrainError> {
-        let segments: Vec<&str> = docs.iter().flat_map(|d| segments(d.as_ref(), SEGMENT_BYTES)).collect();
         let splitter = &self.splitter;
+        let target = if matches!(splitter, Splitter::Spec) { SEGMENT_BYTES } else { usize::MAX };
+        let segments: Vec<&str> = docs.iter().flat_map(|d| segments(d.as_ref(), target)).collect();
         // Keys borrow from the batch: no allocation per chunk while counting.
         let local = segments
             .par_iter()

@@ -1,0 +1,124 @@
+"""Training throughput of the real step (model + Muon/AdamW + sharding on a one-device mesh, random tokens).
+
+    python bench/train_mfu.py                                    # d12 b32, d20 b32, d26 b16 with the defaults
+    python bench/train_mfu.py --cases d20:32 --remat none,dots_with_no_batch_dims_saveable
+    python bench/train_mfu.py --cases d2:2 --seq 128 --vocab 512 --steps 3   # CPU smoke run
+
+Each case runs in its own process (so peak memory is that case's alone): it builds the step exactly as
+train.py does (`make_train_step`, `build_optimizer`, `tree_shardings`, state donated), compiles it
+ahead of time, runs 3 warm-up steps, then times --steps steps one by one with `block_until_ready`.
+MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16). A table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+PEAK = 989e12
+
+
+def run_case(case: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from nanochat_jax import model as model_lib
+    from nanochat_jax import optim, sharding, train
+    from nanochat_jax.config import base_config
+
+    c = base_config()
+    c.model.depth, c.model.sequence_len, c.tokenizer.vocab_size = case["depth"], case["seq"], case["vocab"]
+    c.model.remat, c.model.loss_chunk = case["remat"], case["loss_chunk"]
+    c.model.attention, c.model.compute_dtype = case["attention"], case["dtype"]
+    c.train.device_batch_size = case["batch"]
+    c.train.total_batch_size = case["batch"] * case["seq"] * case["accum"]
+    c.mesh.data, c.mesh.fsdp = 1, 1
+    model_cfg = model_lib.ModelConfig.from_config(c)
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    optimizer = optim.build_optimizer(c.train, model_cfg, 1000)
+
+    def init_state(key):
+        params = model_lib.init_params(model_cfg, key)
+        return params, optimizer.init(params)
+
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    state_sh = sharding.tree_shardings(abstract, mesh)
+    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+    step = jax.jit(train.make_train_step(model_cfg, optimizer), donate_argnums=(0, 1),
+                   in_shardings=(*state_sh, batch_sh), out_shardings=(*state_sh, sharding.replicated(mesh)))
+    params, opt_state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batches = [jax.device_put(rng.integers(0, case["vocab"], (case["accum"], case["batch"], case["seq"] + 1),
+                                           dtype=np.int32), batch_sh) for _ in range(2)]
+    t0 = time.perf_counter()
+    compiled = step.lower(params, opt_state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(3 + case["steps"]):
+        t0 = time.perf_counter()
+        params, opt_state, m = compiled(params, opt_state, batches[i % 2])
+        jax.block_until_ready((params, opt_state, m))
+        times.append(time.perf_counter() - t0)
+    loss = float(m["loss"])
+    dt = statistics.median(times[3:])
+    tokens = case["batch"] * case["seq"] * case["accum"]
+    flops_tok = model_lib.estimate_flops(model_cfg)
+    stats = jax.devices()[0].memory_stats() or {}
+    return dict(case, step_ms=1e3 * dt, spread_ms=1e3 * (max(times[3:]) - min(times[3:])), tok_s=tokens / dt,
+                mfu=flops_tok * tokens / dt / PEAK, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                compile_s=compile_s, loss=loss, device=jax.devices()[0].device_kind,
+                n_params=model_lib.param_counts(model_cfg)["total"], flops_per_token=flops_tok)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="d12:32,d20:32,d26:16", help="depth:device_batch, comma-separated")
+    ap.add_argument("--remat", default="none", help="comma-separated remat policies to try for every case")
+    ap.add_argument("--loss-chunk", default="256", help="comma-separated loss_chunk values (0 = full logits)")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = ap.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
+        return
+    rows = []
+    for spec in args.cases.split(","):
+        depth, batch = spec.lstrip("d").split(":")
+        for remat in args.remat.split(","):
+            for chunk in args.loss_chunk.split(","):
+                case = dict(depth=int(depth), batch=int(batch), seq=args.seq, vocab=args.vocab, remat=remat,
+                            loss_chunk=int(chunk), attention=args.attention, dtype=args.dtype, accum=args.accum,
+                            steps=args.steps)
+                proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
+                                      text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if lines:
+                    rows.append(json.loads(lines[-1][7:]))
+                else:  # out of memory and the like: keep the reason, go on with the next case
+                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    rows.append(dict(case, error=err[:160]))
+                print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"\n{'case':<8}{'remat':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}{'compile s':>10}")
+    for r in rows:
+        head = f"d{r['depth']}:{r['batch']:<5}{r['remat']:<34}{r['loss_chunk']:>6}"
+        if "error" in r:
+            print(head + "  failed: " + r["error"][:60])
+        else:
+            print(head + f"{r['step_ms']:>9.1f}{r['tok_s']:>10,.0f}{100 * r['mfu']:>6.1f}%{r['peak_gib']:>9.1f}"
+                         f"{r['compile_s']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
