@@ -17,12 +17,14 @@ import time
 
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from nanochat_jax import report
 from nanochat_jax.config import KNOWN_STAGES, UserError, base_config, validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to a config file (configs/*.py).")
+_CONFIG = None  # defined by _parse_flags after _preflight: config_flags applies sys.argv's --config.* overrides
+# to the default config as soon as the flag is defined, where a mistyped key would be a traceback
 _STAGES = flags.DEFINE_string("stages", None, "Comma-separated stages to run (default: config.stages).")
 _BASE_DIR = flags.DEFINE_string("base_dir", None, "Where the run writes everything (default: config.base_dir).")
 _FORCE = flags.DEFINE_bool("force", False, "Redo the selected stages even if their output is complete.")
@@ -43,6 +45,9 @@ def _setup_logging(base_dir: str) -> str:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    root.removeHandler(absl_logging.get_absl_handler())  # app.run's stderr copy of every line: ours print once
+    for chatty in ("absl", "jax._src.xla_bridge"):  # Orbax's per-save internals, JAX's "no TPU" notice
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     for handler in (logging.FileHandler(path), logging.StreamHandler(sys.stdout)):
         handler.setFormatter(fmt)
         root.addHandler(handler)
@@ -120,8 +125,10 @@ def _preflight(argv: list[str]) -> None:
 
 
 def _parse_flags(argv):
+    global _CONFIG
     try:
         _preflight(argv)
+        _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to a config file (configs/*.py).")
         return flags.FLAGS(argv)
     except (UserError, flags.Error) as e:
         print(f"error: {e}", file=sys.stderr)
