@@ -11,6 +11,9 @@ import math
 import ml_collections
 
 
+MAX_VOCAB_SIZE = 2**31 - 1  # token ids travel as int32 in the data batches
+
+
 class UserError(Exception):
     """A user's mistake (bad config, missing corpus, wrong tokenizer): entry points print it as one
     line and exit with status 2, never as a traceback."""
@@ -142,9 +145,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.model.n_kv_head={m.n_kv_head} must divide n_head={n_head}")
     if m.head_dim % 2:
         raise ConfigError(f"config.model.head_dim must be even (RoPE rotates halves), got {m.head_dim}")
-    if c.tokenizer.vocab_size < 256 + 9:
-        raise ConfigError(f"config.tokenizer.vocab_size must be >= 265 (256 bytes + 9 special tokens), "
-                          f"got {c.tokenizer.vocab_size}")
+    if not 256 + 9 <= c.tokenizer.vocab_size <= MAX_VOCAB_SIZE:
+        raise ConfigError(f"config.tokenizer.vocab_size must be in [265, {MAX_VOCAB_SIZE}] (256 bytes + 9 special "
+                          f"tokens at least; int32 ids), got {c.tokenizer.vocab_size}")
     if c.train.warmup_ratio + c.train.warmdown_ratio > 1.0:
         raise ConfigError("config.train.warmup_ratio + config.train.warmdown_ratio must be <= 1")
     if c.train.num_iterations == 0 or c.train.num_iterations < -1:

@@ -29,7 +29,7 @@ import numpy as np
 import tiktoken
 
 from nanochat_jax import _rustbpe
-from nanochat_jax.config import UserError
+from nanochat_jax.config import MAX_VOCAB_SIZE, UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class Tokenizer:
         """Train on a stream of documents (str, or bytes decoded as UTF-8 with invalid sequences replaced)."""
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be an iterable of documents, not a single str/bytes")
-        if vocab_size < MIN_VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
-                             f"tokens), got {vocab_size}")
+        if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 bytes + "
+                             f"{len(SPECIAL_TOKENS)} special tokens at least; int32 ids), got {vocab_size}")
         ranks, stats = _rustbpe.train(iter(texts), vocab_size - len(SPECIAL_TOKENS))
         if stats["replaced"]:
             log.warning("tokenizer training text: %d invalid UTF-8 sequence(s) replaced by U+FFFD", stats["replaced"])
@@ -312,9 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--input {args.input}: not a directory")
         if not any(p.suffix in TEXT_SUFFIXES + (".parquet",) for p in args.input.rglob("*")):
             raise UserError(f"--input {args.input}: no .txt, .rst or .parquet files in it")
-        if args.vocab_size < MIN_VOCAB_SIZE:
-            raise UserError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
-                            f"tokens), got {args.vocab_size}")
+        if not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
+            raise UserError(f"--vocab-size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 bytes + "
+                            f"{len(SPECIAL_TOKENS)} special tokens at least; int32 ids), got {args.vocab_size}")
         t0 = time.time()
         tok = Tokenizer.train(iter_dir_texts(args.input, args.max_chars, args.doc_cap), args.vocab_size)
         tok.save(args.out)

@@ -181,7 +181,7 @@ def test_render_errors(tok, conv, match):
 
 
 def test_training_errors(train_texts):
-    with pytest.raises(ValueError, match="vocab_size must be >= 265"):
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[265, "):
         Tokenizer.train(train_texts, 264)
     with pytest.raises(ValueError, match="no training text"):
         Tokenizer.train([], 300)
@@ -193,6 +193,10 @@ def test_training_errors(train_texts):
         Tokenizer.train(["ok", 3], 300)
     with pytest.raises(TypeError, match="not a single str"):
         Tokenizer.train("a whole text", 300)
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[265, "):
+        Tokenizer.train(train_texts, 2**31)  # token ids are int32
+    with pytest.raises(ValueError, match="only supports 3 merges"):  # not an allocation failure in Rust
+        _rustbpe.train(iter(["abcd"]), 1 << 40)
     with pytest.raises(ValueError, match="at least 256"):  # the Rust trainer's own checks
         _rustbpe.train(iter(["abc"]), 255)
     with pytest.raises(ValueError, match="invalid split pattern"):
@@ -241,7 +245,8 @@ def test_cli(tmp_path, capsys):
     assert "trained 300 tokens on 3 documents" in capsys.readouterr().out
     for args, match in [(["--input", str(tmp_path / "nope")], "not a directory"),
                         (["--input", str(tmp_path / "tok")], "no .txt, .rst or .parquet"),
-                        (["--input", str(src), "--vocab-size", "100"], "must be >= 265")]:
+                        (["--input", str(src), "--vocab-size", "100"], "must be in [265, "),
+                        (["--input", str(src), "--vocab-size", str(10**11)], "must be in [265, ")]:
         full = ["train", "--input", str(src), "--vocab-size", "300", "--out", str(tmp_path / "o")]
         full[full.index(args[0]) + 1] = args[1]
         if len(args) > 2:

@@ -71,7 +71,9 @@ pub fn learn_merges<'a>(chunks: impl IntoIterator<Item = (&'a [u8], u64)>, num_m
     }
     let mut heap: BinaryHeap<(i64, Reverse<Pair>)> = stats.iter().map(|(&k, v)| (v.count, Reverse(k))).collect();
 
-    let mut merges = Vec::with_capacity(num_merges);
+    // Each merge consumes at least one symbol, so there are never more merges than symbols: a huge
+    // num_merges (a mistyped vocab_size) must not reserve memory for merges that cannot happen.
+    let mut merges = Vec::with_capacity(num_merges.min(s.sym.len()));
     let mut created: Vec<Pair> = Vec::new();
     while merges.len() < num_merges {
         let Some((count, Reverse(key))) = heap.pop() else { break };

@@ -28,6 +28,12 @@ fn hand_checked_counts_across_chunks() {
     assert_eq!(learned(&tokens), ["ab", " ab", " c", " cd"]);
     // Nothing is left to merge: asking for one more is a clear error.
     assert_eq!(train(&["ab ab ab cd"], 261, SPLIT_PATTERN), Err(TrainError::NotEnoughText { learned: 4, wanted: 5 }));
+    // An absurd vocab_size is the same clear error, not an allocation failure.
+    let huge = 1usize << 40;
+    assert_eq!(
+        train(&["ab ab ab cd"], huge, SPLIT_PATTERN),
+        Err(TrainError::NotEnoughText { learned: 4, wanted: huge - 256 })
+    );
 }
 
 #[test]
