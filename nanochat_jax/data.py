@@ -58,6 +58,20 @@ def bad_input_counts() -> dict[str, int]:
         return dict(BAD_INPUT)
 
 
+def bad_input_since(before: dict[str, int]) -> dict[str, int]:
+    """Bad inputs counted since the snapshot `before` (an earlier bad_input_counts()): a stage's own."""
+    now = bad_input_counts()
+    return {kind: n - before.get(kind, 0) for kind, n in sorted(now.items()) if n > before.get(kind, 0)}
+
+
+def bad_input_markdown(counts: dict[str, int], what: str) -> str:
+    """A report line naming each kind of bad input skipped while reading `what` ('' when there was none)."""
+    if not counts:
+        return ""
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in counts.items())
+    return f"Bad input skipped or repaired while reading {what} (counted per read): {kinds}.\n\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading parquet shards robustly.
 

@@ -252,9 +252,12 @@ def run_stage(config) -> dict:
     def train_texts():
         return data.iter_texts(files[:-1], max_chars=cfg.max_chars, doc_cap=cfg.doc_cap)
 
-    t0 = time.time()
+    t0, bad_before = time.time(), data.bad_input_counts()
     tok = Tokenizer.train(train_texts(), cfg.vocab_size)
     train_seconds = time.time() - t0
+    bad = data.bad_input_since(bad_before)  # of the training pass only: the evaluation below rereads the files
+    if bad:
+        log.warning("tokenizer: bad input skipped in the training text: %s", bad)
     out = tok.save(tokenizer_dir(config))
     log.info("tokenizer: %d tokens trained in %.1f s on %s documents, saved to %s (hash %s)", tok.vocab_size,
              train_seconds, f"{tok.train_stats['documents']:,}", out, tok.hash[:12])
@@ -263,9 +266,10 @@ def run_stage(config) -> dict:
     results = tok_eval.evaluate(tok, train_texts(), val_texts)
     metrics = {"vocab_size": tok.vocab_size, "chars_per_token": results["ours"], "train_seconds": train_seconds,
                "train_documents": tok.train_stats["documents"], "train_bytes": tok.train_stats["bytes"],
-               "invalid_utf8_replaced": tok.train_stats["replaced"]}
+               "invalid_utf8_replaced": tok.train_stats["replaced"], "bad_input_skipped": sum(bad.values())}
     md = (f"## Tokenizer\n\nByte-level BPE, {tok.vocab_size:,} tokens (hash `{tok.hash[:12]}`), trained in "
-          f"{train_seconds:.1f} s on {tok.train_stats['bytes']:,} bytes.\n\n{tok_eval.markdown(results)}\n")
+          f"{train_seconds:.1f} s on {tok.train_stats['bytes']:,} bytes.\n"
+          f"{data.bad_input_markdown(bad, 'the training text')}\n{tok_eval.markdown(results)}\n")
     return dict(outputs=[out], metrics=metrics, report=md)
 
 

@@ -118,6 +118,12 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
     counts = data.bad_input_counts()
     assert counts == {"unreadable_file": 1, "empty_file": 1, "no_text_column": 1,
                       "empty_document": 2, "non_utf8_document": 1}
+    # A stage reports what it met itself: the counts since its snapshot, named in one report line.
+    list(data.iter_texts(_bad_files(tmp_path)[:2]))
+    since = data.bad_input_since(counts)
+    assert since == {"empty_document": 2, "unreadable_file": 1}
+    assert "the data (counted per read): empty_document 2, unreadable_file 1." in data.bad_input_markdown(since, "the data")
+    assert data.bad_input_markdown({}, "the data") == ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import pathlib
 
 import ml_collections
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import regex  # a dependency of tiktoken
 
@@ -270,6 +272,11 @@ def test_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(tok_eval, "VAL_CHARS", 200_000)
     c = _stage_config(tmp_path)
     assert not tokenizer_lib.stage_done(c)
+    # Bad rows at the head of the first training shard: skipped or repaired, counted in the report.
+    first = data.ensure_corpus(c)[0]
+    texts = pq.read_table(first).column("text").to_pylist()
+    raw = pa.array([b"caf\xe9 bad bytes", b"", *(t.encode() for t in texts)], pa.binary())
+    pq.write_table(pa.table({"text": raw.view(pa.string())}), first, row_group_size=16)
     result = tokenizer_lib.run_stage(c)
     assert tokenizer_lib.stage_done(c)
     tok = Tokenizer.load(tokenizer_lib.tokenizer_dir(c))
@@ -278,6 +285,8 @@ def test_stage(tmp_path, monkeypatch):
     assert m["vocab_size"] == 400 and m["chars_per_token"] > 1.5 and m["train_seconds"] > 0
     assert 300_000 <= m["train_bytes"] < 400_000  # max_chars stopped it (doc_cap bounds the overshoot)
     assert "SentencePiece BPE" in result["report"] and "| nanochat_jax BPE (ours) | 400 |" in result["report"]
+    assert m["bad_input_skipped"] == 2  # the training pass only, not the evaluation's rereading
+    assert "empty_document 1, non_utf8_document 1" in result["report"]
     # Same stream of text as the stage's contract says -> same tokenizer.
     files = data.ensure_corpus(c)
     again = Tokenizer.train(data.iter_texts(files[:-1], max_chars=300_000, doc_cap=20_000), 400)
