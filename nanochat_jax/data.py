@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat_jax.download import SHARD_PATTERN, download_shards
+from nanochat_jax.config import UserError
+from nanochat_jax.download import SHARD_PATTERN, DownloadError, download_shards
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,21 @@ def ensure_corpus(config) -> list[Path]:
         return _ensure_embedded(dest)
     return download_shards(config.data.num_shards, dest, base_url=config.data.base_url,
                                     workers=config.data.download_workers)
+
+
+def stage_corpus(config, stage: str) -> list[Path]:
+    """ensure_corpus for a pipeline stage: no corpus (the docs package missing, a download that failed, no
+    network) is a UserError that says what to do, which the entry points print without a traceback."""
+    try:
+        files = ensure_corpus(config)
+    except (OSError, ValueError, DownloadError) as e:
+        raise UserError(f"stage {stage}: no corpus ({e}). config.data.source={config.data.source!r}: 'embedded' "
+                        "needs the python3.11-doc package (sudo apt-get install python3.11-doc), 'fineweb' "
+                        "downloads shards from config.data.base_url (rerun to fetch only what is missing)") from None
+    if len(files) < 2:
+        raise UserError(f"stage {stage}: the corpus in {corpus_dir(config)} needs a train and a val shard, "
+                        f"found {len(files)}")
+    return files
 
 
 DOC_SOURCES = "/usr/share/doc/python3.11/html/_sources"  # Debian/Ubuntu package python3.11-doc

@@ -239,14 +239,7 @@ def run_stage(config) -> dict:
     from evals import tok_eval
     from nanochat_jax import data
 
-    try:
-        files = data.ensure_corpus(config)
-    except (OSError, ValueError) as e:
-        raise UserError(f"no corpus for the tokenizer ({e}). config.data.source={config.data.source!r}: "
-                        "'embedded' needs the python3.11-doc package (sudo apt-get install python3.11-doc), "
-                        "'fineweb' downloads shards from config.data.base_url") from None
-    if len(files) < 2:
-        raise UserError(f"the corpus in {data.corpus_dir(config)} needs a train and a val shard, found {len(files)}")
+    files = data.stage_corpus(config, "tokenizer")
     cfg = config.tokenizer
 
     def train_texts():

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat_jax import data
-from nanochat_jax.config import base_config
+from nanochat_jax.config import UserError, base_config
 
 
 def _config(tmp_path, source="embedded"):
@@ -399,6 +399,15 @@ def test_ensure_corpus_fineweb_downloads_the_configured_shards(tmp_path, shard_s
     files = data.ensure_corpus(c)
     assert files == [tmp_path / "data" / "fineweb" / f"shard_{i:05d}.parquet" for i in range(3)]
     assert len(list(data.iter_texts(data.split_files(files)[1]))) == 400  # the val shard reads back whole
+
+
+def test_stage_corpus_turns_a_failed_download_into_one_clear_error(tmp_path, shard_server):
+    c = _config(tmp_path, source="fineweb")
+    c.data.num_shards, c.data.base_url, c.data.download_workers = 7, shard_server.url, 2  # the server has 5
+    with pytest.raises(UserError, match=r"(?s)stage base: no corpus \(2 shard\(s\) failed.*HTTP 404.*base_url"):
+        data.stage_corpus(c, "base")
+    c.data.num_shards = 5  # a rerun fetches only what is missing and succeeds
+    assert len(data.stage_corpus(c, "base")) == 5
 
 
 def test_with_the_real_tokenizer(tmp_path):
