@@ -57,6 +57,7 @@ def main(argv=None):
     p.add_argument("--samples", default="1,32", help="comma-separated num_samples for the on-device driver")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", default=None, help="trace one more call of each driver into DIR/<driver>")
     args = p.parse_args(argv)
 
     cfg = model_lib.ModelConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=2048,
@@ -81,6 +82,9 @@ def main(argv=None):
     results = []
     for name, n, fn in cases:
         first, times = _timed(fn, args.repeats)
+        if args.profile:
+            with jax.profiler.trace(f"{args.profile}/{name.replace(' ', '_')}", create_perfetto_trace=True):
+                fn()
         median = statistics.median(times)
         row = dict(driver=name, samples=n, tok_per_s=n * args.new_tokens / median,
                    ms_per_step=1e3 * median / args.new_tokens, compile_s=first - median)

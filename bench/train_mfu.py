@@ -12,7 +12,9 @@ MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16). A table
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,10 @@ def run_case(case: dict) -> dict:
     c.model.remat, c.model.loss_chunk = case["remat"], case["loss_chunk"]
     c.model.attention, c.model.compute_dtype = case["attention"], case["dtype"]
     c.train.device_batch_size = case["batch"]
+    for override in case["set"]:  # --set model.residual_dtype=compute and the like
+        key, value = override.split("=")
+        section, name = key.split(".")
+        c[section][name] = type(c[section][name])(value)
     c.train.total_batch_size = case["batch"] * case["seq"] * case["accum"]
     c.mesh.data, c.mesh.fsdp = 1, 1
     model_cfg = model_lib.ModelConfig.from_config(c)
@@ -63,6 +69,14 @@ def run_case(case: dict) -> dict:
         jax.block_until_ready((params, opt_state, m))
         times.append(time.perf_counter() - t0)
     loss = float(m["loss"])
+    if case.get("profile"):  # two more steps under the profiler; bench/profile_summary.py reads the trace
+        os.makedirs(case["profile"], exist_ok=True)
+        with open(f"{case['profile']}/step.hlo.txt", "w") as f:  # the optimised HLO: fusion names -> ops
+            f.write(compiled.as_text())
+        with jax.profiler.trace(case["profile"], create_perfetto_trace=True):
+            for i in range(2):
+                params, opt_state, m = compiled(params, opt_state, batches[i % 2])
+            jax.block_until_ready((params, opt_state, m))
     dt = statistics.median(times[3:])
     tokens = case["batch"] * case["seq"] * case["accum"]
     flops_tok = model_lib.estimate_flops(model_cfg)
@@ -83,8 +97,11 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--set", default="", help="config overrides for every case, ';'-separated; '|' separates "
+                                              "variants: 'model.residual_dtype=compute|model.scan_unroll=2'")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--profile", default=None, help="trace two extra steps of each case into DIR/<case>")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args()
     if args.case:
@@ -93,26 +110,29 @@ def main():
     rows = []
     for spec in args.cases.split(","):
         depth, batch = spec.lstrip("d").split(":")
-        for remat in args.remat.split(","):
-            for chunk in args.loss_chunk.split(","):
-                case = dict(depth=int(depth), batch=int(batch), seq=args.seq, vocab=args.vocab, remat=remat,
-                            loss_chunk=int(chunk), attention=args.attention, dtype=args.dtype, accum=args.accum,
-                            steps=args.steps)
-                proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
-                                      text=True)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if lines:
-                    rows.append(json.loads(lines[-1][7:]))
-                else:  # out of memory and the like: keep the reason, go on with the next case
-                    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                    rows.append(dict(case, error=err[:160]))
-                print(json.dumps(rows[-1]), flush=True)
+        for remat, chunk, variant in itertools.product(args.remat.split(","), args.loss_chunk.split(","),
+                                                       args.set.split("|")):
+            case = dict(depth=int(depth), batch=int(batch), seq=args.seq, vocab=args.vocab, remat=remat,
+                        loss_chunk=int(chunk), attention=args.attention, dtype=args.dtype, accum=args.accum,
+                        steps=args.steps, set=[kv for kv in variant.split(";") if kv])
+            if args.profile:
+                case["profile"] = f"{args.profile}/d{depth}_{batch}_{remat}_{chunk}_{len(rows)}"
+            proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
+                                  text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if lines:
+                rows.append(json.loads(lines[-1][7:]))
+            else:  # out of memory and the like: keep the reason, go on with the next case
+                err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                rows.append(dict(case, error=err[:160]))
+            print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"\n{'case':<8}{'remat':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}{'compile s':>10}")
+    print(f"\n{'case':<8}{'remat / overrides':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}{'compile s':>10}")
     for r in rows:
-        head = f"d{r['depth']}:{r['batch']:<5}{r['remat']:<34}{r['loss_chunk']:>6}"
+        name = ";".join([r["remat"]] + [kv.split(".")[-1] for kv in r["set"]])
+        head = f"d{r['depth']}:{r['batch']:<5}{name[:33]:<34}{r['loss_chunk']:>6}"
         if "error" in r:
             print(head + "  failed: " + r["error"][:60])
         else:

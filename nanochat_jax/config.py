@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs with cc >= 8.0)
     c.model.attention = "auto"  # auto | cudnn | xla (auto: cudnn on GPU, xla elsewhere)
     c.model.remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-    c.model.loss_chunk = 0  # >0: cross-entropy over chunks of this many positions x all rows (never full fp32 logits)
+    c.model.loss_chunk = 256  # >0: cross-entropy over chunks of this many positions x all rows (never full fp32 logits)
+    c.model.residual_dtype = "float32"  # float32 | compute (bf16 on GPU, as the reference's autocast residual)
+    c.model.scan_unroll = 1  # layers per iteration of the layer scan (more: faster step, longer compile)
 
     # --- tokenizer (SPEC §5) ---
     c.tokenizer = ml_collections.ConfigDict()
@@ -102,9 +104,10 @@ _CHOICES = {
     "model.attention": ("auto", "cudnn", "xla"),
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "data.source": ("fineweb", "embedded"),
+    "model.residual_dtype": ("float32", "compute"),
 }
 _POSITIVE = (
-    "model.depth", "model.aspect_ratio", "model.head_dim", "model.sequence_len",
+    "model.depth", "model.aspect_ratio", "model.scan_unroll", "model.head_dim", "model.sequence_len",
     "tokenizer.vocab_size", "tokenizer.max_chars", "tokenizer.doc_cap",
     "data.num_shards", "data.download_workers", "data.tokenizer_threads",
     "train.device_batch_size", "train.total_batch_size", "train.log_every", "train.eval_every",

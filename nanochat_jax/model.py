@@ -32,7 +32,6 @@ from nanochat_jax.config import ConfigError
 
 ROPE_BASE = 10000.0
 SOFTCAP = 15.0
-RMS_EPS = float(jnp.finfo(jnp.float32).eps)  # torch's F.rms_norm default (eps=None) for fp32 inputs
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -58,6 +57,8 @@ class ModelConfig:
     attention: str = "xla"  # cudnn | xla (training path; the cached path is always xla)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
+    residual_dtype: str = "float32"  # float32 | compute (the reference's bf16 residual stream under autocast)
+    scan_unroll: int = 1  # layers per iteration of the layer scan
 
     def __post_init__(self):
         if self.compute_dtype not in ("bfloat16", "float32", "float64"):
@@ -73,12 +74,21 @@ class ModelConfig:
             raise ConfigError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even (RoPE rotates halves), got {self.head_dim}")
+        if self.residual_dtype not in ("float32", "compute"):
+            raise ConfigError(f"residual_dtype must be float32 or compute, got {self.residual_dtype!r}")
+        if self.scan_unroll < 1:
+            raise ConfigError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.loss_chunk < 0:
             raise ConfigError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
 
     @property
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
+
+    @property
+    def residual(self):
+        """dtype of the residual stream between blocks (never below fp32 when computing in fp64)."""
+        return self.dtype if self.residual_dtype == "compute" else self.acc_dtype
 
     @property
     def acc_dtype(self):
@@ -104,7 +114,7 @@ class ModelConfig:
         return cls.from_depth(m.depth, vocab_size=config.tokenizer.vocab_size, sequence_len=m.sequence_len,
                               n_kv_head=m.n_kv_head, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
                               compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat,
-                              loss_chunk=m.loss_chunk)
+                              loss_chunk=m.loss_chunk, residual_dtype=m.residual_dtype, scan_unroll=m.scan_unroll)
 
 
 def _gpu_compute_capability() -> float | None:
@@ -133,10 +143,14 @@ def _resolve_auto(compute_dtype: str, attention: str) -> tuple[str, str]:
 # Parameter-free pieces of SPEC §2 (all in the accumulation dtype)
 
 
-def rms_norm(x):
-    """RMSNorm without weights over the last axis. (x * x, not jnp.square: autodiff of the latter
-    keeps a full-size 2x for the backward pass; this keeps only x and the (.., 1) rsqrt.)"""
-    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
+def rms_norm(x, eps_dtype=None):
+    """RMSNorm without weights over the last axis, computed in fp32 (at least), returned in x's dtype.
+    eps is torch's F.rms_norm default, finfo(input dtype).eps, the input dtype being `eps_dtype` when
+    the caller widened it first. (x * x, not jnp.square: autodiff of the latter keeps a full-size 2x
+    for the backward pass; this keeps only x and the (.., 1) rsqrt.)"""
+    eps = float(jnp.finfo(eps_dtype or x.dtype).eps)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def rope_tables(positions_BxT, head_dim: int, dtype):
@@ -157,11 +171,12 @@ def softcap(logits):
     return SOFTCAP * jnp.tanh(logits / SOFTCAP)
 
 
-# The two element-wise steps between matmuls run in fp32 but are rematerialised in the backward
-# pass, so only their compute-dtype inputs are kept, never the fp32 intermediates.
+# The two element-wise steps between matmuls are rematerialised in the backward pass, so only their
+# compute-dtype inputs are kept. RoPE runs in the compute dtype, as the reference's (bf16 cos/sin
+# tables under autocast); the norm's statistics are fp32.
 @functools.partial(jax.checkpoint, prevent_cse=False)  # always inside the layer scan
 def rope_qk_norm(x_BxTxNxH, cos, sin):
-    return rms_norm(apply_rope(x_BxTxNxH.astype(cos.dtype), cos, sin)).astype(x_BxTxNxH.dtype)
+    return rms_norm(apply_rope(x_BxTxNxH, cos.astype(x_BxTxNxH.dtype), sin.astype(x_BxTxNxH.dtype)))
 
 
 @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -184,23 +199,37 @@ def _matrix_init(key, shape, dtype=jnp.float32):
 # Modules
 
 
-class Linear(nn.Module):
-    """Bias-free (in, out) matmul of an fp32 kernel cast to the compute dtype.
+def matmul(x, kernel, dtype):
+    """x @ kernel in `dtype`: the GEMM accumulates in fp32 (XLA's bf16 GEMMs on GPU use an fp32 compute
+    type) and rounds its output to `dtype`, as torch autocast does. Callers that need fp32 (residual
+    adds, logits) widen the result afterwards rather than asking the GEMM for fp32: that matters for
+    the backward pass, where the fp32 cotangent is then rounded to bf16 before the two transposed
+    GEMMs, which otherwise run as fp32/TF32 GEMMs at a fraction of the bf16 rate (measured: 230 ms of
+    an 820 ms d20 step)."""
+    return lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=dtype)
 
-    fp32_out: the output stays in fp32 (residual adds, logits). Otherwise it is rounded to the
-    compute dtype, which halves the activations kept for the backward pass; the GEMM itself still
-    accumulates in fp32 (XLA's bf16 GEMMs on GPU use an fp32 compute type)."""
+
+class Kernel(nn.Module):
+    """A bias-free (in, out) fp32 weight, as a module so that it has its own name in the params tree."""
+    shape: tuple[int, int]
+    init: Callable[..., Any] = _matrix_init
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", self.init, self.shape, jnp.float32)
+
+
+class Linear(nn.Module):
+    """Bias-free (in, out) matmul of an fp32 kernel in the compute dtype (see `matmul`)."""
     features: int
     cfg: ModelConfig
     kernel_init: Callable[..., Any] = _matrix_init
-    fp32_out: bool = False
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        dtype = self.cfg.dtype
-        return lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                               preferred_element_type=self.cfg.acc_dtype if self.fp32_out else dtype)
+        return matmul(x, kernel, self.cfg.dtype)
 
 
 class Attention(nn.Module):
@@ -211,10 +240,14 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = h_BxTxD.shape
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q = Linear(H * hd, cfg, name="c_q")(h_BxTxD).reshape(B, T, H, hd)
-        k = Linear(Hkv * hd, cfg, name="c_k")(h_BxTxD).reshape(B, T, Hkv, hd)
-        v = Linear(Hkv * hd, cfg, name="c_v")(h_BxTxD).reshape(B, T, Hkv, hd)
-        q, k = rope_qk_norm(q, cos, sin), rope_qk_norm(k, cos, sin)  # QK-norm after RoPE (SPEC §2)
+        # One GEMM for q, k and v (h is read once, dh is one GEMM), one RoPE + QK-norm pass over q and k
+        # together; the three kernels stay separate params (Muon, export).
+        D = h_BxTxD.shape[-1]
+        w_qkv = jnp.concatenate([Kernel((D, H * hd), name="c_q")(), Kernel((D, Hkv * hd), name="c_k")(),
+                                 Kernel((D, Hkv * hd), name="c_v")()], axis=1)
+        qkv = matmul(h_BxTxD, w_qkv, cfg.dtype).reshape(B, T, H + 2 * Hkv, hd)
+        qk = rope_qk_norm(qkv[:, :, :H + Hkv], cos, sin)  # QK-norm after RoPE (SPEC §2)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         scale = 1.0 / math.sqrt(hd)
         # GQA: jax's attention groups H query heads over Hkv kv heads (== repeating kv heads).
         if cache is None:
@@ -228,7 +261,7 @@ class Attention(nn.Module):
             mask_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
             y = jax.nn.dot_product_attention(q, cache["k"][layer], cache["v"][layer], scale=scale,
                                              mask=mask_BxTxS[:, None], implementation="xla")
-        out_proj = Linear(cfg.d_model, cfg, nn.initializers.zeros, fp32_out=True, name="c_proj")
+        out_proj = Linear(cfg.d_model, cfg, nn.initializers.zeros, name="c_proj")
         return out_proj(y.reshape(B, T, H * hd)), cache
 
 
@@ -239,19 +272,19 @@ class MLP(nn.Module):
     def __call__(self, h_BxTxD):
         u = Linear(4 * self.cfg.d_model, self.cfg, name="c_fc")(h_BxTxD)
         u = relu_squared(u)
-        return Linear(self.cfg.d_model, self.cfg, nn.initializers.zeros, fp32_out=True, name="c_proj")(u)
+        return Linear(self.cfg.d_model, self.cfg, nn.initializers.zeros, name="c_proj")(u)
 
 
 class Block(nn.Module):
-    """One transformer layer; scanned over the layer axis. carry = (residual fp32, cache | None)."""
+    """One transformer layer; scanned over the layer axis. carry = (residual stream, cache | None)."""
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, q_pos_BxT):
         x, cache = carry
         y, cache = Attention(self.cfg, name="attn")(rms_norm(x), layer, cos, sin, q_pos_BxT, cache)
-        x = x + y
-        x = x + MLP(self.cfg, name="mlp")(rms_norm(x))
+        x = x + y.astype(x.dtype)
+        x = x + MLP(self.cfg, name="mlp")(rms_norm(x)).astype(x.dtype)
         return (x, cache), None
 
 
@@ -266,8 +299,8 @@ class GPT(nn.Module):
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
         self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=cfg.depth)(cfg)
-        self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros, fp32_out=True)
+                              length=cfg.depth, unroll=cfg.scan_unroll)(cfg)
+        self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros)
 
     def hidden(self, tokens_BxT, positions_B=None, cache=None):
         """Final normed residual (B, T, D) in fp32, and the updated cache (None when training)."""
@@ -279,13 +312,13 @@ class GPT(nn.Module):
         else:
             q_pos_BxT = positions_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
             cos, sin = rope_tables(q_pos_BxT, cfg.head_dim, cfg.acc_dtype)
-        x = rms_norm(self.wte(tokens_BxT).astype(cfg.acc_dtype))
+        x = rms_norm(self.wte(tokens_BxT).astype(cfg.residual))
         (x, cache), _ = self.blocks((x, cache), jnp.arange(cfg.depth), cos, sin, q_pos_BxT)
         return rms_norm(x), cache
 
     def head(self, x_BxTxD):
         """Softcapped logits in fp32."""
-        return softcap(self.lm_head(x_BxTxD))
+        return softcap(self.lm_head(x_BxTxD).astype(self.cfg.acc_dtype))
 
     def __call__(self, tokens_BxT, positions_B=None, cache=None):
         x, cache = self.hidden(tokens_BxT, positions_B, cache)
@@ -301,7 +334,7 @@ def init_params(cfg: ModelConfig, rng) -> dict:
     (each {'kernel': (L, in, out)}), 'lm_head': {'kernel': (D, V)}}."""
     # The init trace runs a forward on one token; XLA attention there avoids cuDNN shape limits
     # (the attention kernel has no params, so this changes nothing).
-    model = GPT(dataclasses.replace(cfg, attention="xla", compute_dtype="float32", remat="none"))
+    model = GPT(dataclasses.replace(cfg, attention="xla", compute_dtype="float32", remat="none", scan_unroll=1))
     return jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
@@ -317,24 +350,71 @@ def _token_losses(logits_BxTxV, targets_BxT):
     return jnp.where(targets_BxT != -1, lse - picked, 0.0)
 
 
-def _chunked_token_losses(model, head_params, x_BxTxD, targets_BxT, chunk):
-    """Same as _token_losses(head(x)) but over chunks of `chunk` positions (all rows at once, so a
-    batch sharded over rows stays sharded), each rematerialised in the backward pass: the full
-    (B, T, V) fp32 logits never exist."""
-    B, T, D = x_BxTxD.shape
-    chunk = min(chunk, T)
+def _chunks(a, chunk, fill):
+    """(B, T, ...) -> (n, B, chunk, ...) over positions, padded with `fill` (rows stay whole, so a
+    batch sharded over rows stays sharded)."""
+    B, T = a.shape[:2]
     n = -(-T // chunk)
-    pad = n * chunk - T
-    x = jnp.pad(x_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
-    t = jnp.pad(targets_BxT, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n, chunk).swapaxes(0, 1)
+    pad = [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (a.ndim - 2)
+    return jnp.pad(a, pad, constant_values=fill).reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
-    @jax.checkpoint
-    def one_chunk(head_params, x_Bxcxd, t_Bxc):
-        logits = model.apply({"params": head_params}, x_Bxcxd, method=GPT.head)
-        return _token_losses(logits, t_Bxc)
 
-    _, losses_nxBxc = lax.scan(lambda _, xt: (None, one_chunk(head_params, *xt)), None, (x, t))
-    return losses_nxBxc.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_token_losses(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
+    """Same as _token_losses(softcap(x @ kernel)) over chunks of `chunk` positions x all rows, with a
+    hand-written backward pass: the forward keeps only each token's logsumexp; the backward recomputes
+    a chunk's logits and turns them into d(logits) in one fused pass. So the (B, T, V) fp32 logits never
+    exist, and each chunk's logits are read and written as few times as the math allows (XLA's own
+    differentiation of softcap + logsumexp made ~8 fp32 passes over them: 54 ms of a 590 ms d20 step)."""
+    return _chunked_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype)[0]
+
+
+def _chunk_logits(x, w, dtype):
+    """Softcapped fp32 logits of a chunk (the GEMM rounds to the compute dtype, as Linear does)."""
+    z = lax.dot_general(x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=dtype)
+    return softcap(z.astype(jnp.promote_types(dtype, jnp.float32)))
+
+
+def _chunked_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
+    B, T, _ = x_BxTxD.shape
+    w = kernel_DxV.astype(dtype)
+
+    def one(_, xt):
+        x, t = xt
+        logits = _chunk_logits(x, w, dtype)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
+        return None, (jnp.where(t != -1, lse - picked, 0.0), lse)
+
+    _, (losses, lse) = lax.scan(one, None, (_chunks(x_BxTxD, chunk, 0), _chunks(targets_BxT, chunk, -1)))
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    return unchunk(losses), (x_BxTxD, kernel_DxV, targets_BxT, lse)
+
+
+def _chunked_ce_bwd(chunk, dtype, res, g_BxT):
+    x_BxTxD, kernel_DxV, targets_BxT, lse_nxBxc = res
+    w = kernel_DxV.astype(dtype)
+    V = w.shape[1]
+
+    def one(dw, xtgl):
+        x, t, g, lse = xtgl
+        logits = _chunk_logits(x, w, dtype)
+        # d loss / d softcapped logit = softmax - onehot; softcap' = 1 - tanh^2 = 1 - (logit / 15)^2
+        d = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(t, V, dtype=logits.dtype)
+        d = (d * (jnp.where(t != -1, g, 0.0)[..., None] * (1 - jnp.square(logits / SOFTCAP)))).astype(dtype)
+        dx = lax.dot_general(d, w, (((2,), (1,)), ((), ())), preferred_element_type=x.dtype)
+        dw = dw + lax.dot_general(x.astype(dtype), d, (((0, 1), (0, 1)), ((), ())),
+                                  preferred_element_type=dw.dtype)
+        return dw, dx
+
+    B, T, D = x_BxTxD.shape
+    dw, dx = lax.scan(one, jnp.zeros(kernel_DxV.shape, kernel_DxV.dtype),
+                      (_chunks(x_BxTxD, chunk, 0), _chunks(targets_BxT, chunk, -1), _chunks(g_BxT, chunk, 0),
+                       lse_nxBxc))
+    return dx.swapaxes(0, 1).reshape(B, -1, D)[:, :T], dw, None
+
+
+_chunked_token_losses.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
 def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT):
@@ -342,7 +422,8 @@ def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT):
     model = GPT(cfg)
     x, _ = model.apply({"params": params}, inputs_BxT, method=GPT.hidden)
     if cfg.loss_chunk > 0:
-        losses = _chunked_token_losses(model, {"lm_head": params["lm_head"]}, x, targets_BxT, cfg.loss_chunk)
+        losses = _chunked_token_losses(x, params["lm_head"]["kernel"], targets_BxT, min(cfg.loss_chunk, x.shape[1]),
+                                       cfg.dtype)
     else:
         losses = _token_losses(model.apply({"params": params}, x, method=GPT.head), targets_BxT)
     count = jnp.maximum(jnp.sum(targets_BxT != -1), 1)

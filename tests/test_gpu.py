@@ -1,0 +1,47 @@
+"""Checks that only mean something on a GPU: cuDNN flash attention against XLA's attention.
+
+Skipped on machines without a CUDA GPU (CI has none); run on the GPU machine with
+`python -m pytest -q tests/test_gpu.py`.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanochat_jax import model as M
+
+pytestmark = pytest.mark.skipif(jax.devices()[0].platform != "gpu",
+                                reason="cuDNN attention needs a CUDA GPU; this machine has none")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("n_kv_head", [0, 2])
+def test_cudnn_attention_matches_xla_forward_and_gradients(n_kv_head):
+    cfg = M.ModelConfig.from_depth(4, vocab_size=1024, sequence_len=512, n_kv_head=n_kv_head,
+                                   compute_dtype="bfloat16", attention="cudnn")
+    params = M.init_params(cfg, jax.random.key(0))
+    # init zeroes the output projections and the head: give them values so every path carries signal
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    params["lm_head"]["kernel"] = 0.02 * jax.random.normal(next(keys), params["lm_head"]["kernel"].shape)
+    for name in ("attn", "mlp"):
+        k = params["blocks"][name]["c_proj"]["kernel"]
+        params["blocks"][name]["c_proj"]["kernel"] = 0.02 * jax.random.normal(next(keys), k.shape)
+    tokens = jax.random.randint(jax.random.key(2), (4, 512), 0, 1024)
+    targets = jnp.roll(tokens, -1, axis=1)
+    xla = dataclasses.replace(cfg, attention="xla")
+    loss_grad = lambda c: jax.jit(jax.value_and_grad(lambda p: M.loss_fn(p, c, tokens, targets)[0]))(params)
+    logits = {c.attention: jax.jit(lambda p, c=c: M.logits_fn(p, c, tokens))(params) for c in (cfg, xla)}
+    (l_cudnn, g_cudnn), (l_xla, g_xla) = loss_grad(cfg), loss_grad(xla)
+    # both run bf16 matmuls and bf16 attention inputs: agreement at bf16 rounding, not bit-equality
+    grad_errs = [_rel(a, b) for a, b in zip(jax.tree.leaves(g_cudnn), jax.tree.leaves(g_xla))]
+    print(f"cudnn vs xla: logits {_rel(logits['cudnn'], logits['xla']):.2e}, loss {float(l_cudnn):.5f} vs "
+          f"{float(l_xla):.5f}, worst grad {max(grad_errs):.2e}")
+    assert _rel(logits["cudnn"], logits["xla"]) < 2e-2
+    assert abs(float(l_cudnn) - float(l_xla)) < 1e-2 * float(l_xla)
+    assert max(grad_errs) < 5e-2
