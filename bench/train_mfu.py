@@ -12,6 +12,7 @@ MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16). A table
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import os
@@ -39,7 +40,7 @@ def run_case(case: dict) -> dict:
     for override in case["set"]:  # --set model.residual_dtype=compute and the like
         key, value = override.split("=")
         section, name = key.split(".")
-        c[section][name] = type(c[section][name])(value)
+        c[section][name] = value if isinstance(c[section][name], str) else ast.literal_eval(value)
     c.train.total_batch_size = case["batch"] * case["seq"] * case["accum"]
     c.mesh.data, c.mesh.fsdp = 1, 1
     model_cfg = model_lib.ModelConfig.from_config(c)
@@ -90,7 +91,7 @@ def run_case(case: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="d12:32,d20:32,d26:16", help="depth:device_batch, comma-separated")
-    ap.add_argument("--remat", default="none", help="comma-separated remat policies to try for every case")
+    ap.add_argument("--remat", default="dots_with_no_batch_dims_saveable", help="comma-separated remat policies")
     ap.add_argument("--loss-chunk", default="256", help="comma-separated loss_chunk values (0 = full logits)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -98,7 +99,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--set", default="", help="config overrides for every case, ';'-separated; '|' separates "
-                                              "variants: 'model.residual_dtype=compute|model.scan_unroll=2'")
+                                              "variants: 'model.residual_dtype=compute|model.scan_layers=False'")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile", default=None, help="trace two extra steps of each case into DIR/<case>")

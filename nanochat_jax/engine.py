@@ -158,6 +158,12 @@ class Engine:
     encode and decode. Rows are prompt-major: prompt 0's num_samples rows first."""
 
     def __init__(self, params, cfg: model_lib.ModelConfig, tokenizer):
+        # The on-device driver unrolls the layers: inside a layer scan XLA copies the whole KV cache at
+        # every layer (measured on an H100: 0.67 ms of a 2.7 ms d20 step at 32 rows; unrolled, 32 rows
+        # went from 12.0K to 14.1K tok/s). The streaming driver keeps the scan: one jitted call per token
+        # ran at 250 tok/s unrolled against 430 scanned (host-side launch cost of the bigger program).
+        self.cfg_unrolled = dataclasses.replace(cfg, scan_layers=False)
+        cfg = dataclasses.replace(cfg, scan_layers=True)
         if cfg.dtype != jnp.float32:  # cast once: a decode step should read the weights in the compute dtype
             params = jax.tree.map(lambda p: p.astype(cfg.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
                                   params)
@@ -209,7 +215,7 @@ class Engine:
             return rows, masks
         tokens, lengths, max_len, max_tokens = self._layout(prompts, num_samples, max_tokens, top_k, top_p)
         out = np.asarray(generate_on_device(
-            self.params, self.cfg, tokens, lengths, jax.random.key(seed), jnp.float32(temperature),
+            self.params, self.cfg_unrolled, tokens, lengths, jax.random.key(seed), jnp.float32(temperature),
             jnp.int32(max_tokens), top_k=top_k, top_p=top_p, max_len=max_len, copies=num_samples,
             stop_ids=self.stop_ids, pad_id=self.bos))
         rows = []

@@ -58,7 +58,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
     residual_dtype: str = "float32"  # float32 | compute (the reference's bf16 residual stream under autocast)
-    scan_unroll: int = 1  # layers per iteration of the layer scan
+    scan_layers: bool = True  # False: one traced copy of the block per layer (same params, no while loop)
 
     def __post_init__(self):
         if self.compute_dtype not in ("bfloat16", "float32", "float64"):
@@ -76,8 +76,6 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even (RoPE rotates halves), got {self.head_dim}")
         if self.residual_dtype not in ("float32", "compute"):
             raise ConfigError(f"residual_dtype must be float32 or compute, got {self.residual_dtype!r}")
-        if self.scan_unroll < 1:
-            raise ConfigError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.loss_chunk < 0:
             raise ConfigError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
 
@@ -114,7 +112,7 @@ class ModelConfig:
         return cls.from_depth(m.depth, vocab_size=config.tokenizer.vocab_size, sequence_len=m.sequence_len,
                               n_kv_head=m.n_kv_head, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
                               compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat,
-                              loss_chunk=m.loss_chunk, residual_dtype=m.residual_dtype, scan_unroll=m.scan_unroll)
+                              loss_chunk=m.loss_chunk, residual_dtype=m.residual_dtype, scan_layers=m.scan_layers)
 
 
 def _gpu_compute_capability() -> float | None:
@@ -294,12 +292,11 @@ class GPT(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.wte = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0))
-        block = Block
+        self.block = Block
         if cfg.remat != "none":
-            block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-        self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=cfg.depth, unroll=cfg.scan_unroll)(cfg)
+            self.block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+        self.blocks = nn.scan(self.block, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)(cfg)
         self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros)
 
     def hidden(self, tokens_BxT, positions_B=None, cache=None):
@@ -313,7 +310,15 @@ class GPT(nn.Module):
             q_pos_BxT = positions_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
             cos, sin = rope_tables(q_pos_BxT, cfg.head_dim, cfg.acc_dtype)
         x = rms_norm(self.wte(tokens_BxT).astype(cfg.residual))
-        (x, cache), _ = self.blocks((x, cache), jnp.arange(cfg.depth), cos, sin, q_pos_BxT)
+        if cfg.scan_layers or self.is_initializing():
+            (x, cache), _ = self.blocks((x, cache), jnp.arange(cfg.depth), cos, sin, q_pos_BxT)
+        else:  # the same stacked params, one block per layer in the program: no while loop around the
+            # layers (a decode step then updates its KV cache in place instead of copying it per layer)
+            stacked = self.variables["params"]["blocks"]
+            for i in range(cfg.depth):
+                layer = jax.tree.map(lambda p: p[i], stacked)
+                block = self.block(cfg, parent=None)  # a free-standing module: applied to this layer's params
+                (x, cache), _ = block.apply({"params": layer}, (x, cache), i, cos, sin, q_pos_BxT)
         return rms_norm(x), cache
 
     def head(self, x_BxTxD):
@@ -334,7 +339,7 @@ def init_params(cfg: ModelConfig, rng) -> dict:
     (each {'kernel': (L, in, out)}), 'lm_head': {'kernel': (D, V)}}."""
     # The init trace runs a forward on one token; XLA attention there avoids cuDNN shape limits
     # (the attention kernel has no params, so this changes nothing).
-    model = GPT(dataclasses.replace(cfg, attention="xla", compute_dtype="float32", remat="none", scan_unroll=1))
+    model = GPT(dataclasses.replace(cfg, attention="xla", compute_dtype="float32", remat="none", scan_layers=True))
     return jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 

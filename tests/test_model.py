@@ -236,6 +236,14 @@ def test_chunked_loss_equals_plain_loss_and_grads(plain):
         np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-7)
 
 
+def test_unrolled_layers_give_the_scanned_loss_and_gradients(plain):
+    cfg, p, x, y, ((loss, _), grads) = plain
+    (u_loss, _), u_grads = loss_and_grads(dataclasses.replace(cfg, scan_layers=False, remat="full"), p, x, y)
+    assert float(u_loss) == pytest.approx(float(loss), rel=1e-6)
+    for g1, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(u_grads)):
+        np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots_with_no_batch_dims_saveable"])
 def test_remat_policies_leave_gradients_unchanged(plain, remat):
     cfg, p, x, y, (_, grads) = plain
@@ -298,11 +306,13 @@ def test_gradients_match_finite_differences_in_float64():
 # ---------------------------------------------------------------- KV cache
 
 
-def test_cached_prefill_and_decode_match_full_logits():
-    cfg = tiny(n_kv_head=2)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_prefill_and_decode_match_full_logits(scan_layers):
+    """Against the scanned full forward; the engine decodes with the layers unrolled (scan_layers=False)."""
+    cfg = dataclasses.replace(tiny(n_kv_head=2), scan_layers=scan_layers)
     p = random_params(cfg)
     seq = tokens((2, T))
-    full = np.asarray(M.logits_fn(p, cfg, seq))
+    full = np.asarray(M.logits_fn(p, tiny(n_kv_head=2), seq))
     fwd = jax.jit(lambda c, t, pos: M.forward_cached(p, cfg, t, c, pos))
     cache = M.init_cache(cfg, batch=2, max_len=T + 8)  # longer than used: unwritten slots must be masked
     logits, cache = fwd(cache, seq[:, :6], jnp.array([0, 0]))  # prefill 6 tokens
