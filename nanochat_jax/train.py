@@ -187,7 +187,7 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
         log.info("%s: step 0 val bpb %.4f", stage, history["bpb"][0][1])
 
     stop = _StopSignal()
-    loss_ema, t_train, steps_timed = None, 0.0, 0
+    loss_ema, t_train, steps_timed, final_samples = None, 0.0, 0, None
     bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc=stage, dynamic_ncols=True,
                disable=not sys.stderr.isatty() or jax.process_index() != 0)
     try:
@@ -215,15 +215,18 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
                     log.info("%s: step %d val bpb %.4f", stage, done, record["val_bpb"])
                 if done % train_cfg.sample_every == 0 or done == n_iter:
                     record["samples"] = greedy_samples(params, model_cfg, tokenizer)
+                    final_samples = record["samples"] if done == n_iter else None
                     for s in record["samples"]:
                         log.info("%s sample: %s", stage, s.replace("\n", " "))
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 status = (f"loss {loss_ema:.3f} lr {float(lrm):.2f} gn {grad_norm:.2f} {tok_s:,.0f} tok/s "
-                          f"mfu {100 * mfu:.1f}% {1000 * dt:.0f} ms")
+                          + (f"mfu {100 * mfu:.1f}% " if peak else "") + f"{1000 * dt:.0f} ms")  # no peak: no MFU
                 bar.set_postfix_str(status)
                 if bar.disable and done % train_cfg.log_every == 0:  # no terminal: log lines instead of a bar
-                    log.info("%s step %d/%d: %s", stage, done, n_iter, status)
+                    eta = (n_iter - done) * (t_train / steps_timed if steps_timed else dt)  # the bar's ETA
+                    log.info("%s step %d/%d: %s eta %s", stage, done, n_iter, status,
+                             time.strftime("%H:%M:%S", time.gmtime(eta)))
                 if done % train_cfg.save_every == 0 or done == n_iter or stop.signum:
                     save(done, params, opt_state)
                 if stop.signum:
@@ -236,6 +239,7 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
         stop.restore()
         ckpt.close()
     return dict(params=params, model_cfg=model_cfg, n_iter=n_iter, history=history, metrics_path=metrics_path,
+                final_samples=final_samples,
                 checkpoint=os.path.join(ckpt.directory, str(n_iter)), seconds_per_step=t_train / max(steps_timed, 1),
                 mfu=flops_per_step / (t_train / steps_timed) / (peak * mesh.size) if peak and steps_timed else None)
 
@@ -277,8 +281,9 @@ def _loss_curve_png(metrics_path: str, history: dict, out_path: str) -> str:
 def run_stage(config) -> dict:
     """Pipeline stage `base`: pretrain on the corpus' train shards, evaluate on its last shard."""
     sharding.maybe_initialize_distributed()
+    bad_before = data_lib.bad_input_counts()
     tokenizer = _load_tokenizer(config)
-    files = data_lib.ensure_corpus(config)
+    files = data_lib.stage_corpus(config, "base")
     seq_len, n_dev = config.model.sequence_len, jax.device_count()
     local_rows = config.train.total_batch_size // seq_len // jax.process_count()
     data_iter = data_lib.make_train_iterator(files[:-1], tokenizer, batch_size=local_rows, seq_len=seq_len,
@@ -294,16 +299,22 @@ def run_stage(config) -> dict:
     os.makedirs(report.report_dir(config.base_dir), exist_ok=True)
     png = _loss_curve_png(out["metrics_path"], out["history"], os.path.join(report.report_dir(config.base_dir),
                                                                             "base_loss.png"))
-    samples = greedy_samples(out["params"], out["model_cfg"], tokenizer)
-    metrics = {"val_bpb_step0": bpb[0][1], "val_bpb_final": bpb[-1][1], "steps": out["n_iter"],
+    samples = out["final_samples"] or greedy_samples(out["params"], out["model_cfg"], tokenizer)  # None: resumed at the end
+    metrics = {"val_bpb_step0": bpb[0][1], "val_bpb_final": bpb[-1][1], "val_bpb_drop": 1 - bpb[-1][1] / bpb[0][1],
+               "steps": out["n_iter"],
                "tokens_seen": out["n_iter"] * config.train.total_batch_size,
                "seconds_per_step": out["seconds_per_step"], "wall_seconds": time.time() - t0}
     if out["mfu"] is not None:
         metrics["mfu"] = out["mfu"]
+    bad = data_lib.bad_input_since(bad_before)
+    metrics["bad_input_skipped"] = sum(bad.values())
+    if bad:
+        log.warning("base: bad input skipped in the training and validation data: %s", bad)
     print("\nsamples from the base model (greedy):")
     for s in samples:
         print("  " + s.replace("\n", " "))
     print(f"checkpoint: {out['checkpoint']}")
-    md = (f"## Base training\n\n{report.format_metrics(metrics)}\n\n![loss]({os.path.basename(png)})\n\n"
+    md = (f"## Base training\n\n{report.format_metrics(metrics)}\n\n"
+          f"{data_lib.bad_input_markdown(bad, 'the training and validation data')}![loss]({os.path.basename(png)})\n\n"
           "Samples (greedy):\n\n" + "\n".join(f"- `{s!r}`" for s in samples) + "\n")
     return dict(outputs=[out["checkpoint"], png], metrics=metrics, report=md)
