@@ -64,6 +64,24 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A checkpoint's config laid over today's schema: keys added since it was saved get their defaults,
+    so an older checkpoint still loads (its own values win wherever it has them)."""
+    from nanochat_jax.config import base_config
+
+    def merge(into, values):
+        for key, value in values.items():
+            if isinstance(value, dict) and key in into and isinstance(into[key], ml_collections.ConfigDict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    config = base_config()
+    with config.unlocked():
+        merge(config, saved)
+    return config
+
+
 def restore_model(base_dir: str, stage: str, run_name: str | None = None, step: int | None = None):
     """Params of a finished (or in-progress) stage for inference -> (params, config, meta).
 
@@ -85,7 +103,7 @@ def restore_model(base_dir: str, stage: str, run_name: str | None = None, step: 
         raise UserError(f"no checkpoint{'' if step is None else f' at step {step}'} in {directory} (have: {steps})")
     step = max(steps) if step is None else step
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    config = _with_defaults(json.loads(meta["config"]))
     model_cfg = model_lib.ModelConfig.from_config(config)
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
     params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))).params

@@ -205,3 +205,15 @@ def test_sigterm_saves_then_rerun_resumes(tokenized_run):
     # a third run finds the stage complete and skips it
     out, _ = _pipeline(run_dir, tokenized_run / "data", "base").communicate(timeout=300)
     assert "skipped (complete)" in out
+
+
+def test_an_older_checkpoint_config_gets_todays_defaults():
+    """A checkpoint saved before a config key existed still loads: its values win, new keys default."""
+    from nanochat_jax.checkpoint import _with_defaults
+
+    saved = json.loads(base_config().to_json())
+    del saved["model"]["residual_dtype"]
+    saved["model"]["depth"], saved["run_name"] = 4, "old"
+    config = _with_defaults(saved)
+    assert config.model.depth == 4 and config.run_name == "old"
+    assert config.model.residual_dtype == base_config().model.residual_dtype
