@@ -13,6 +13,7 @@ def get_config():
     c.model.depth = 3
     c.model.head_dim = 64  # d_model 192 -> 3 heads
     c.model.sequence_len = 256
+    c.model.remat = "none"  # the d20 default recomputes activations to save GPU memory; tiny has memory to spare
     c.tokenizer.vocab_size = 4096
     c.tokenizer.max_chars = 50_000_000  # no cut: every training document (each capped at doc_cap chars, ~3.3 MB)
     c.data.source = "embedded"
