@@ -22,10 +22,13 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed() -> None:
-    """Join a multi-host run when the launcher says so (see README); a no-op on one host."""
+    """Join a multi-host run when the launcher says so (see README); a no-op on one host.
+    JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID name the run explicitly; with
+    NANOCHAT_DISTRIBUTED=1 alone, jax detects SLURM / Open MPI / Kubernetes by itself."""
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("NANOCHAT_DISTRIBUTED") == "1":
         if not jax.distributed.is_initialized():
-            jax.distributed.initialize()
+            n, i = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+            jax.distributed.initialize(num_processes=int(n) if n else None, process_id=int(i) if i else None)
             log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 

@@ -98,6 +98,24 @@ def test_eight_devices_match_one(tmp_path, small_tokenizer, mesh):
     np.testing.assert_allclose([v for _, v in bpb_eight], [v for _, v in bpb_one], rtol=1e-5)
 
 
+def test_checkpoint_of_an_fsdp_mesh_resumes_on_one_device(tmp_path, small_tokenizer):
+    """Orbax reshards on restore: steps 1-3 on 8 devices (params split over fsdp=4), steps 4-5 resumed
+    on 1 device, give the losses of 5 steps on 1 device."""
+    val = [RowIterator(16, 32, 512, seed=99).__next__()]
+    c = _tiny_config(tmp_path / "moved", data=2, fsdp=4)
+    c.train.save_every = 3
+    train.train_loop(c, "base", c.train, small_tokenizer, RowIterator(16, 32, 512), val)
+    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "base" / "t" / "5")  # as if killed after step 3's save
+    c.mesh.data, c.mesh.fsdp = 1, 1
+    moved = train.train_loop(c, "base", c.train, small_tokenizer, RowIterator(16, 32, 512), val,
+                             devices=jax.devices()[:1])
+    ref = _tiny_config(tmp_path / "one", data=1, fsdp=1)
+    one = train.train_loop(ref, "base", ref.train, small_tokenizer, RowIterator(16, 32, 512), val,
+                           devices=jax.devices()[:1])
+    assert len(_losses(moved["metrics_path"])) == 5
+    np.testing.assert_allclose(_losses(moved["metrics_path"]), _losses(one["metrics_path"]), rtol=1e-5)
+
+
 def test_tokenizer_mismatch_is_refused(tmp_path, small_tokenizer):
     c = _tiny_config(tmp_path)
     c.train.num_iterations = 1
