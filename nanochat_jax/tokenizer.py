@@ -246,7 +246,10 @@ def run_stage(config) -> dict:
         return data.iter_texts(files[:-1], max_chars=cfg.max_chars, doc_cap=cfg.doc_cap)
 
     t0, bad_before = time.time(), data.bad_input_counts()
-    tok = Tokenizer.train(train_texts(), cfg.vocab_size)
+    try:
+        tok = Tokenizer.train(train_texts(), cfg.vocab_size)
+    except ValueError as e:  # the trainer's refusals (too little text for the vocab, ...) are config mistakes
+        raise UserError(f"config.tokenizer.vocab_size={cfg.vocab_size}: {e}") from None
     train_seconds = time.time() - t0
     bad = data.bad_input_since(bad_before)  # of the training pass only: the evaluation below rereads the files
     if bad:

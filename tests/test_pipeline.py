@@ -26,6 +26,8 @@ def _run(tmp_path, *flags):
     (["--stages=tokenizer,nope"], "unknown stage(s) ['nope']"),
     (["--config.train.matrix_lr=0.1", "--config=configs/tiny.py"], "before a value for --config"),
     (["stray"], "unexpected arguments ['stray']"),
+    (["--config=configs/tiny.py", "--stages=tokenizer", "--config.tokenizer.max_chars=200000",
+      "--config.tokenizer.vocab_size=60000"], "give more text or a vocab_size of at most"),
 ])
 def test_user_mistakes_are_one_line(tmp_path, flags, message):
     p = _run(tmp_path, *flags)
