@@ -4,9 +4,9 @@
     python bench/train_mfu.py --cases d20:32 --remat none,dots_with_no_batch_dims_saveable
     python bench/train_mfu.py --cases d2:2 --seq 128 --vocab 512 --steps 3   # CPU smoke run
 
-Each case runs in its own process (so peak memory is that case's alone): it builds the step exactly as
-train.py does (`make_train_step`, `build_optimizer`, `tree_shardings`, state donated), compiles it
-ahead of time, runs 3 warm-up steps, then times --steps steps one by one with `block_until_ready`.
+Each case runs in its own process (so peak memory is that case's alone): it builds the step with
+train.py's own `build_step` (optimiser, shardings, state donated), compiles it ahead of time, runs 3
+warm-up steps, then times --steps steps one by one with `block_until_ready`.
 MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16). A table is printed last.
 """
 from __future__ import annotations
@@ -21,15 +21,12 @@ import subprocess
 import sys
 import time
 
-PEAK = 989e12
-
-
 def run_case(case: dict) -> dict:
     import jax
     import numpy as np
 
     from nanochat_jax import model as model_lib
-    from nanochat_jax import optim, sharding, train
+    from nanochat_jax import sharding, train
     from nanochat_jax.config import base_config
 
     c = base_config()
@@ -45,18 +42,8 @@ def run_case(case: dict) -> dict:
     c.mesh.data, c.mesh.fsdp = 1, 1
     model_cfg = model_lib.ModelConfig.from_config(c)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    optimizer = optim.build_optimizer(c.train, model_cfg, 1000)
-
-    def init_state(key):
-        params = model_lib.init_params(model_cfg, key)
-        return params, optimizer.init(params)
-
-    abstract = jax.eval_shape(init_state, jax.random.key(0))
-    state_sh = sharding.tree_shardings(abstract, mesh)
-    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-    step = jax.jit(train.make_train_step(model_cfg, optimizer), donate_argnums=(0, 1),
-                   in_shardings=(*state_sh, batch_sh), out_shardings=(*state_sh, sharding.replicated(mesh)))
-    params, opt_state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(0))
+    step, init_fn, _, _, batch_sh = train.build_step(model_cfg, c.train, 1000, mesh)
+    params, opt_state = init_fn(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batches = [jax.device_put(rng.integers(0, case["vocab"], (case["accum"], case["batch"], case["seq"] + 1),
                                            dtype=np.int32), batch_sh) for _ in range(2)]
@@ -83,7 +70,8 @@ def run_case(case: dict) -> dict:
     flops_tok = model_lib.estimate_flops(model_cfg)
     stats = jax.devices()[0].memory_stats() or {}
     return dict(case, step_ms=1e3 * dt, spread_ms=1e3 * (max(times[3:]) - min(times[3:])), tok_s=tokens / dt,
-                mfu=flops_tok * tokens / dt / PEAK, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                mfu=flops_tok * tokens / dt / train.PEAK_FLOPS["H100"],
+                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
                 compile_s=compile_s, loss=loss, device=jax.devices()[0].device_kind,
                 n_params=model_lib.param_counts(model_cfg)["total"], flops_per_token=flops_tok)
 
@@ -130,7 +118,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"\n{'case':<8}{'remat / overrides':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}{'compile s':>10}")
+    print(f"\n{'case':<8}{'remat / overrides':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}"
+          f"{'compile s':>10}")
     for r in rows:
         name = ";".join([r["remat"]] + [kv.split(".")[-1] for kv in r["set"]])
         head = f"d{r['depth']}:{r['batch']:<5}{name[:33]:<34}{r['loss_chunk']:>6}"

@@ -138,15 +138,14 @@ def _resolve_auto(compute_dtype: str, attention: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter-free pieces of SPEC §2 (all in the accumulation dtype)
+# Parameter-free pieces of SPEC §2
 
 
-def rms_norm(x, eps_dtype=None):
-    """RMSNorm without weights over the last axis, computed in fp32 (at least), returned in x's dtype.
-    eps is torch's F.rms_norm default, finfo(input dtype).eps, the input dtype being `eps_dtype` when
-    the caller widened it first. (x * x, not jnp.square: autodiff of the latter keeps a full-size 2x
-    for the backward pass; this keeps only x and the (.., 1) rsqrt.)"""
-    eps = float(jnp.finfo(eps_dtype or x.dtype).eps)
+def rms_norm(x):
+    """RMSNorm without weights over the last axis, computed in fp32 (at least), returned in x's dtype;
+    eps is torch's F.rms_norm default, finfo(x.dtype).eps. (x * x, not jnp.square: autodiff of the
+    latter keeps a full-size 2x for the backward pass; this keeps only x and the (.., 1) rsqrt.)"""
+    eps = float(jnp.finfo(x.dtype).eps)
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
@@ -300,7 +299,7 @@ class GPT(nn.Module):
         self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros)
 
     def hidden(self, tokens_BxT, positions_B=None, cache=None):
-        """Final normed residual (B, T, D) in fp32, and the updated cache (None when training)."""
+        """Final normed residual (B, T, D) in the residual dtype, and the updated cache (None when training)."""
         cfg = self.cfg
         B, T = tokens_BxT.shape
         if positions_B is None:
@@ -315,9 +314,9 @@ class GPT(nn.Module):
         else:  # the same stacked params, one block per layer in the program: no while loop around the
             # layers (a decode step then updates its KV cache in place instead of copying it per layer)
             stacked = self.variables["params"]["blocks"]
+            block = self.block(cfg, parent=None)  # a free-standing module, applied to each layer's params
             for i in range(cfg.depth):
                 layer = jax.tree.map(lambda p: p[i], stacked)
-                block = self.block(cfg, parent=None)  # a free-standing module: applied to this layer's params
                 (x, cache), _ = block.apply({"params": layer}, (x, cache), i, cos, sin, q_pos_BxT)
         return rms_norm(x), cache
 
@@ -375,9 +374,8 @@ def _chunked_token_losses(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
 
 
 def _chunk_logits(x, w, dtype):
-    """Softcapped fp32 logits of a chunk (the GEMM rounds to the compute dtype, as Linear does)."""
-    z = lax.dot_general(x.astype(dtype), w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=dtype)
-    return softcap(z.astype(jnp.promote_types(dtype, jnp.float32)))
+    """Softcapped fp32 logits of a chunk, as GPT.head computes them."""
+    return softcap(matmul(x, w, dtype).astype(jnp.promote_types(dtype, jnp.float32)))
 
 
 def _chunked_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):

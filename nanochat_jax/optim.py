@@ -74,8 +74,7 @@ def build_optimizer(train_cfg, model_cfg, num_iterations) -> optax.GradientTrans
 
     groups = optax.multi_transform(
         {
-            "muon": muon(schedule(t.matrix_lr), lambda step: muon_momentum(step, t),
-                         ns_dtype=jnp.bfloat16 if model_cfg.compute_dtype == "bfloat16" else jnp.float32),
+            "muon": muon(schedule(t.matrix_lr), lambda step: muon_momentum(step, t), ns_dtype=model_cfg.dtype),
             "embedding": adamw(t.embedding_lr),
             "unembedding": adamw(t.unembedding_lr),
         },

@@ -312,9 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--input {args.input}: not a directory")
         if not any(p.suffix in TEXT_SUFFIXES + (".parquet",) for p in args.input.rglob("*")):
             raise UserError(f"--input {args.input}: no .txt, .rst or .parquet files in it")
-        if not MIN_VOCAB_SIZE <= args.vocab_size <= MAX_VOCAB_SIZE:
-            raise UserError(f"--vocab-size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 bytes + "
-                            f"{len(SPECIAL_TOKENS)} special tokens at least; int32 ids), got {args.vocab_size}")
         t0 = time.time()
         tok = Tokenizer.train(iter_dir_texts(args.input, args.max_chars, args.doc_cap), args.vocab_size)
         tok.save(args.out)

@@ -71,6 +71,25 @@ def make_train_step(model_cfg, optimizer):
     return train_step
 
 
+def build_step(model_cfg, train_cfg, n_iter: int, mesh, init_params=None):
+    """The jitted step on `mesh` and how its state is laid out, as train_loop and bench/train_mfu.py use
+    them -> (step_fn, init_fn(key) -> sharded (params, opt_state), abstract state, state shardings,
+    batch sharding of (A, B, T+1) batches)."""
+    optimizer = optim.build_optimizer(train_cfg, model_cfg, n_iter)
+
+    def init_state(key):
+        params = model_lib.init_params(model_cfg, key) if init_params is None else init_params
+        return params, optimizer.init(params)
+
+    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    state_shardings = sharding.tree_shardings(abstract, mesh)
+    batch_shard = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+    step_fn = jax.jit(make_train_step(model_cfg, optimizer), donate_argnums=(0, 1),
+                      in_shardings=(*state_shardings, batch_shard),
+                      out_shardings=(*state_shardings, sharding.replicated(mesh)))
+    return step_fn, jax.jit(init_state, out_shardings=state_shardings), abstract, state_shardings, batch_shard
+
+
 def peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
@@ -130,19 +149,9 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
                         f"{tokenizer.vocab_size} tokens: retrain the tokenizer (--stages=tokenizer --force)")
     n_iter = num_iterations(train_cfg, model_cfg)
     accum = grad_accum_steps(train_cfg, model_cfg.sequence_len, mesh.size)
-    optimizer = optim.build_optimizer(train_cfg, model_cfg, n_iter)
-
-    def init_state(key):
-        params = model_lib.init_params(model_cfg, key) if init_params is None else init_params
-        return params, optimizer.init(params)
-
     key = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(init_state, key)
-    state_shardings = sharding.tree_shardings(abstract, mesh)
-    batch_shard = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-    step_fn = jax.jit(make_train_step(model_cfg, optimizer), donate_argnums=(0, 1),
-                      in_shardings=(*state_shardings, batch_shard),
-                      out_shardings=(*state_shardings, sharding.replicated(mesh)))
+    step_fn, init_fn, abstract, state_shardings, batch_shard = build_step(model_cfg, train_cfg, n_iter, mesh,
+                                                                          init_params)
     per_token_loss = jax.jit(lambda p, rows: model_lib.loss_fn(p, model_cfg, rows[:, :-1], rows[:, 1:])[1],
                              in_shardings=(state_shardings[0], sharding.batch_sharding(mesh, ndim=2)))
     token_bytes = tokenizer.token_bytes()
@@ -158,7 +167,7 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
     os.makedirs(os.path.dirname(metrics_path), exist_ok=True)
     start = ckpt.latest_step()
     if start is None:
-        params, opt_state = jax.jit(init_state, out_shardings=state_shardings)(key)
+        params, opt_state = init_fn(key)
         start, history = 0, {}
         _truncate_metrics(metrics_path, -1)
     else:
@@ -299,7 +308,8 @@ def run_stage(config) -> dict:
     os.makedirs(report.report_dir(config.base_dir), exist_ok=True)
     png = _loss_curve_png(out["metrics_path"], out["history"], os.path.join(report.report_dir(config.base_dir),
                                                                             "base_loss.png"))
-    samples = out["final_samples"] or greedy_samples(out["params"], out["model_cfg"], tokenizer)  # None: resumed at the end
+    # final_samples is None when the run resumed at its last step: nothing was sampled in this process
+    samples = out["final_samples"] or greedy_samples(out["params"], out["model_cfg"], tokenizer)
     metrics = {"val_bpb_step0": bpb[0][1], "val_bpb_final": bpb[-1][1], "val_bpb_drop": 1 - bpb[-1][1] / bpb[0][1],
                "steps": out["n_iter"],
                "tokens_seen": out["n_iter"] * config.train.total_batch_size,
