@@ -411,7 +411,7 @@ def test_stage_corpus_turns_a_failed_download_into_one_clear_error(tmp_path, sha
 
 
 def test_with_the_real_tokenizer(tmp_path):
-    tokenizer = pytest.importorskip("nanochat_jax.tokenizer")
+    from nanochat_jax import tokenizer
     files = _corpus(tmp_path, n_files=2, docs_per_file=30)
     tok = tokenizer.Tokenizer.train(list(data.iter_texts(files)), 280)
     B, T = 2, 64

@@ -296,7 +296,7 @@ def test_cli_end_to_end_through_a_saved_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    tokenizer_lib = pytest.importorskip("nanochat_jax.tokenizer")
+    from nanochat_jax import tokenizer as tokenizer_lib
     from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
     from nanochat_jax.config import base_config
 
