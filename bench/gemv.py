@@ -1,14 +1,27 @@
-"""Decode-shaped matmuls: (B, D) x (D, N) bf16 with the weight stored (in, out) as Flax keeps it, or
-(out, in). Prints GB/s of weight traffic (median of 50 calls) for the shapes of a d20 decode step.
+"""Decode-shaped matmuls: (B, D) x (D, N) bf16 for the shapes of a d20 decode step, over a stack of
+L=20 layers (so the weights do not sit in L2 between calls), each layer a static slice of the stack
+as in the engine's unrolled decode. Prints GB/s of weight traffic, median of 50 calls, per variant:
+
+  xla          XLA's default lowering, weight (in, out) as Flax keeps it
+  xla-out-in   the same with the weight stored (out, in)
+  cublas-pad16 rows padded to 16 and XLA's Triton GEMMs off (so cuBLAS runs it)
+  pallas       nanochat_jax.gemv: a Pallas kernel, one (bk, bn) weight tile per program, partial sums over K
+  pallas-slice the same given w[i] rather than the stack and i
 
     python bench/gemv.py
 """
+import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from nanochat_jax.gemv import gemv
+
+L = 20
+SHAPES = ((1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280), (1280, 65536))
 
 
 def bench(f, *args, n=50):
@@ -21,21 +34,38 @@ def bench(f, *args, n=50):
     return statistics.median(ts)
 
 
+def layers(product):
+    """sum over the stack of product(x, w, i), one static layer index at a time (an unrolled decode)."""
+    return jax.jit(lambda x, w: sum(product(x, w, i)[:, :8].astype(jnp.float32).sum() for i in range(L)))
+
+
+VARIANTS = {
+    "xla": lambda: layers(lambda x, w, i: x @ w[i]),
+    "xla-out-in": lambda: layers(lambda x, w, i: lax.dot_general(x, w[i], (((1,), (1,)), ((), ())))),
+    "cublas-pad16": lambda: jax.jit(
+        lambda x, w: sum((jnp.pad(x, ((0, 16 - x.shape[0]), (0, 0))) @ w[i])[:x.shape[0], :8].astype(jnp.float32).sum()
+                         for i in range(L)), compiler_options={"xla_gpu_enable_triton_gemm": False}),
+    "pallas": lambda: layers(lambda x, w, i: gemv(x, w, layer=i)),
+    "pallas-slice": lambda: layers(lambda x, w, i: gemv(x, w[i])),  # does XLA copy the slice first?
+}
+
+
 def main():
-    L = 20  # a layer stack, so the weights do not sit in L2 between calls
-    print(f"{'B':>4}{'D':>6}{'N':>7}{'(in,out) GB/s':>15}{'(out,in) GB/s':>15}")
-    for B in (1, 32):
-        for D, N in ((1280, 3840), (1280, 5120), (5120, 1280), (1280, 65536)):
-            k = jax.random.split(jax.random.key(0), 2)
-            x = jax.random.normal(k[0], (B, D), jnp.bfloat16)
-            w = jax.random.normal(k[1], (L, D, N), jnp.bfloat16)
-            wt = jnp.swapaxes(w, 1, 2).copy()
-            f_in_out = jax.jit(lambda x, w: lax.fori_loop(0, L, lambda i, acc: acc + (x @ w[i])[:, :8].sum(),
-                                                          jnp.zeros((), jnp.bfloat16)))
-            f_out_in = jax.jit(lambda x, w: lax.fori_loop(0, L, lambda i, acc: acc + lax.dot_general(
-                x, w[i], (((1,), (1,)), ((), ())))[:, :8].sum(), jnp.zeros((), jnp.bfloat16)))
-            gb = L * D * N * 2 / 1e9
-            print(f"{B:>4}{D:>6}{N:>7}{gb / bench(f_in_out, x, w):>15.0f}{gb / bench(f_out_in, x, wt):>15.0f}")
+    print(f"{'D':>6}{'N':>7}" + "".join(f"{v:>14}" for v in VARIANTS) + "   (GB/s of weights, B=1)")
+    for D, N in SHAPES:
+        k = jax.random.split(jax.random.key(0), 2)
+        x = jax.random.normal(k[0], (1, D), jnp.bfloat16)
+        w = jax.random.normal(k[1], (L, D, N), jnp.bfloat16)
+        wt = jnp.swapaxes(w, 1, 2).copy()
+        gb = L * D * N * 2 / 1e9
+        row = []
+        for name, make in VARIANTS.items():
+            try:
+                row.append(f"{gb / bench(make(), x, wt if name == 'xla-out-in' else w):>14.0f}")
+            except Exception as e:  # a variant this GPU/jax cannot lower: say so, go on
+                print(f"{name}: {type(e).__name__}: {str(e)[:300]}")
+                row.append(f"{'failed':>14}")
+        print(f"{D:>6}{N:>7}" + "".join(row))
 
 
 if __name__ == "__main__":

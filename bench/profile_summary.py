@@ -1,10 +1,13 @@
 """Where a profiled step spends its GPU time: kernels grouped into families, from a perfetto trace.
 
-    python bench/profile_summary.py DIR [--steps 2] [--top 25]
+    python bench/profile_summary.py DIR [--steps 2] [--top 25] [--hlo FILE]
 
 DIR is what `jax.profiler.trace(DIR, create_perfetto_trace=True)` wrote (bench/train_mfu.py --profile).
 Sums kernel durations on the GPU's stream rows per kernel name and per family (matmul, attention,
-elementwise/reduction fusions, copies), divided by --steps, and prints the largest.
+elementwise/reduction fusions, copies), divided by --steps, and prints the largest. With --hlo (the
+optimised HLO text: train_mfu.py --profile writes step.hlo.txt, XLA_FLAGS=--xla_dump_to writes
+*after_optimizations.txt) each fusion is also described by the ops it fuses and its output shape,
+and kernels are grouped by that description, so the 20 per-layer copies of one fusion add up.
 """
 from __future__ import annotations
 
@@ -27,7 +30,35 @@ def family(name: str) -> str:
     return next((f for f, pat in FAMILIES if pat.search(name)), "other")
 
 
-def summarize(trace_dir: str, steps: int, top: int) -> None:
+_FUSION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.+?) fusion\(.*kind=(k\w+).*calls=%?([\w.-]+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.-]+) .*\{\s*$")
+_OP = re.compile(r"= [^=]*? ([a-z][\w-]*)\(")
+_BORING = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "broadcast", "reshape", "iota"}
+
+
+def describe_fusions(hlo_path: str) -> dict:
+    """fusion instruction name (= kernel name) -> 'kind ops -> output shape' from optimised HLO text."""
+    ops_of, fusions, current = {}, {}, None
+    with open(hlo_path) as f:
+        for line in f:
+            m = _COMPUTATION.match(line)
+            if m and "=" not in line.split("{")[0]:
+                current = m.group(1)
+                ops_of[current] = []
+                continue
+            if current is None:
+                continue
+            m = _FUSION.match(line)
+            if m:
+                fusions[m.group(1)] = (m.group(3), m.group(4), m.group(2).split("{")[0][:60])
+            op = _OP.search(line)
+            if op and op.group(1) not in _BORING:
+                ops_of[current].append(op.group(1))
+    return {name.replace(".", "_"): f"{kind[1:].lower()} {'+'.join(sorted(set(ops_of.get(comp, []))))[:70]} -> {shape}"
+            for name, (kind, comp, shape) in fusions.items()}
+
+
+def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> None:
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True) +
                   glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
     with gzip.open(path) as f:
@@ -55,6 +86,16 @@ def summarize(trace_dir: str, steps: int, top: int) -> None:
     print(f"{path}\nGPU kernel time per step: {total:.1f} ms")
     for fam, ms in by_family.most_common():
         print(f"  {fam:<12}{ms:8.1f} ms {100 * ms / total:5.1f}%")
+    if hlo:
+        described = describe_fusions(hlo)
+        groups, counts = collections.Counter(), collections.Counter()
+        for name, ms in by_name.items():
+            key = described.get(name.split(":")[0], name)
+            groups[key] += ms
+            counts[key] += 1
+        for key, ms in groups.most_common(top):
+            print(f"  {ms:8.3f} ms {counts[key]:>4}x  {key[:140]}")
+        return
     for name, ms in by_name.most_common(top):
         print(f"  {ms:8.2f} ms  {name[:110]}")
 
@@ -64,5 +105,6 @@ if __name__ == "__main__":
     ap.add_argument("dir")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--hlo", default=None, help="optimised HLO text of the traced program")
     a = ap.parse_args()
-    summarize(a.dir, a.steps, a.top)
+    summarize(a.dir, a.steps, a.top, a.hlo)

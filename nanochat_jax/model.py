@@ -7,11 +7,12 @@ norms, RoPE, softcap and the loss run in fp32.
 
 One block code path serves training (full causal attention, cuDNN flash kernel on GPU) and
 inference (`forward_cached`: a chunk of tokens per row at that row's own position, attending to
-a KV cache of shape (L, B, S, Hkv, hd)). The cached path masks explicitly and uses XLA attention:
+a KV cache of shape (L, B, 2, Hkv, S, hd)). The cached path masks explicitly and uses XLA attention:
 cuDNN's causal mask is aligned to the top-left corner (query i sees keys <= i), which is wrong for
 a chunk that starts at position p > 0, and the jax cuDNN path takes no boolean mask. For a one-token
 decode step XLA's attention is two small batched matmuls that read the cache once, which is all the
-cuDNN kernel could do either.
+cuDNN kernel could do either. Generation runs on `inference_params` (bf16, (out, in) block kernels,
+q/k/v fused), the layout a one-row decode product reads fastest.
 
 Run `python -m nanochat_jax.model --depth 20 --summary` for parameter counts and FLOPs/token.
 """
@@ -27,16 +28,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from nanochat_jax.config import ConfigError
 
 ROPE_BASE = 10000.0
 SOFTCAP = 15.0
 
+# Outputs of the cuDNN flash-attention forward (jax's primitive names; absent off GPU).
+_ATTENTION_FWD_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+
+
+def _attention_fwd_saveable(prim, *_, **__):
+    return prim.name in _ATTENTION_FWD_PRIMITIVES
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # + the attention output and softmax statistics (the backward then never re-runs the attention
+    # forward) + the MLP's ReLU² output (its backward needs nothing else: see mlp_relu2)
+    "dots_attention_mlp_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _attention_fwd_saveable),
+        jax.checkpoint_policies.save_only_these_names("mlp_hidden")),
 }
 
 
@@ -55,10 +71,11 @@ class ModelConfig:
     sequence_len: int
     compute_dtype: str = "float32"  # bfloat16 | float32 (float64 for numerical tests, needs jax x64)
     attention: str = "xla"  # cudnn | xla (training path; the cached path is always xla)
-    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | dots_attention_mlp_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
     residual_dtype: str = "float32"  # float32 | compute (the reference's bf16 residual stream under autocast)
     scan_layers: bool = True  # False: one traced copy of the block per layer (same params, no while loop)
+    kernel_layout: str = "in_out"  # of the block kernels; "out_in" only in inference_params' output
 
     def __post_init__(self):
         if self.compute_dtype not in ("bfloat16", "float32", "float64"):
@@ -76,6 +93,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even (RoPE rotates halves), got {self.head_dim}")
         if self.residual_dtype not in ("float32", "compute"):
             raise ConfigError(f"residual_dtype must be float32 or compute, got {self.residual_dtype!r}")
+        if self.kernel_layout not in ("in_out", "out_in"):
+            raise ConfigError(f"kernel_layout must be in_out or out_in, got {self.kernel_layout!r}")
         if self.loss_chunk < 0:
             raise ConfigError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
 
@@ -176,9 +195,37 @@ def rope_qk_norm(x_BxTxNxH, cos, sin):
     return rms_norm(apply_rope(x_BxTxNxH, cos.astype(x_BxTxNxH.dtype), sin.astype(x_BxTxNxH.dtype)))
 
 
-@functools.partial(jax.checkpoint, prevent_cse=False)
-def relu_squared(u):
-    return jnp.square(jax.nn.relu(u.astype(jnp.promote_types(u.dtype, jnp.float32)))).astype(u.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def mlp_relu2(h, w_fc, w_proj, dtype, out_in: bool = False):
+    """relu(h @ w_fc)² @ w_proj, kernels already in `dtype`. The backward pass needs only the hidden
+    activation r = relu(u)² (du = 2·sqrt(r)·dr, as relu(u) = sqrt(r)), not u; so a remat policy that
+    saves r (named "mlp_hidden") keeps one tensor of the layer's widest shape, and nothing re-runs
+    the ReLU² in the backward."""
+    return _mlp_fwd(h, w_fc, w_proj, dtype, out_in)[0]
+
+
+def _mlp_fwd(h, w_fc, w_proj, dtype, out_in=False):
+    u = matmul(h, w_fc, dtype, out_in)
+    r = jnp.square(jax.nn.relu(u.astype(jnp.promote_types(dtype, jnp.float32)))).astype(dtype)
+    return matmul(r, w_proj, dtype, out_in), (h, w_fc, w_proj, checkpoint_name(r, "mlp_hidden"))
+
+
+def _mlp_bwd(dtype, out_in, res, g):
+    if out_in:
+        raise NotImplementedError("inference_params (out_in kernels) are for generation, not training")
+    h, w_fc, w_proj, r = res
+    g = g.astype(dtype)
+    dr = lax.dot_general(g, w_proj, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+    wide = jnp.promote_types(dtype, jnp.float32)
+    du = (2 * jnp.sqrt(r.astype(wide)) * dr.astype(wide)).astype(dtype)
+    batch = tuple(range(h.ndim - 1))
+    dw_fc = lax.dot_general(h.astype(dtype), du, ((batch, batch), ((), ())), preferred_element_type=dtype)
+    dw_proj = lax.dot_general(r, g, ((batch, batch), ((), ())), preferred_element_type=dtype)
+    dh = lax.dot_general(du, w_fc, (((du.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+    return dh.astype(h.dtype), dw_fc.astype(w_fc.dtype), dw_proj.astype(w_proj.dtype)
+
+
+mlp_relu2.defvjp(_mlp_fwd, _mlp_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,14 +243,14 @@ def _matrix_init(key, shape, dtype=jnp.float32):
 # Modules
 
 
-def matmul(x, kernel, dtype):
+def matmul(x, kernel, dtype, out_in: bool = False):
     """x @ kernel in `dtype`: the GEMM accumulates in fp32 (XLA's bf16 GEMMs on GPU use an fp32 compute
     type) and rounds its output to `dtype`, as torch autocast does. Callers that need fp32 (residual
     adds, logits) widen the result afterwards rather than asking the GEMM for fp32: that matters for
     the backward pass, where the fp32 cotangent is then rounded to bf16 before the two transposed
     GEMMs, which otherwise run as fp32/TF32 GEMMs at a fraction of the bf16 rate (measured: 230 ms of
-    an 820 ms d20 step)."""
-    return lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+    an 820 ms d20 step). out_in: the kernel is stored (out, in) (see inference_params)."""
+    return lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (1 if out_in else 0,)), ((), ())),
                            preferred_element_type=dtype)
 
 
@@ -215,6 +262,11 @@ class Kernel(nn.Module):
     @nn.compact
     def __call__(self):
         return self.param("kernel", self.init, self.shape, jnp.float32)
+
+
+def block_kernel(cfg: ModelConfig, name: str, n_in: int, n_out: int, init=_matrix_init):
+    """A block's weight, stored (in, out), or (out, in) in inference_params' output."""
+    return Kernel((n_out, n_in) if cfg.kernel_layout == "out_in" else (n_in, n_out), init, name=name)()
 
 
 class Linear(nn.Module):
@@ -229,6 +281,23 @@ class Linear(nn.Module):
         return matmul(x, kernel, self.cfg.dtype)
 
 
+def cached_attention(q_BxTxHxd, k_BxKxSxd, v_BxKxSxd, q_pos_BxT, scale):
+    """Queries at positions q_pos attend to the cache slots at positions <= their own. The cache keeps
+    (kv head, position, head dim) minor-most, so both products batch over (row, kv head) with the
+    contracted axis already in place: XLA reads the cache once, with no transposed copy (with a
+    (position, kv head) layout it copied both halves of the cache at every layer of a decode step)."""
+    B, T, H, hd = q_BxTxHxd.shape
+    Hkv, S = k_BxKxSxd.shape[1], k_BxKxSxd.shape[2]
+    acc = jnp.promote_types(q_BxTxHxd.dtype, jnp.float32)
+    q = q_BxTxHxd.reshape(B, T, Hkv, H // Hkv, hd)  # GQA: query head h uses kv head h // (H / Hkv)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k_BxKxSxd, preferred_element_type=acc) * scale
+    visible_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
+    logits = jnp.where(visible_BxTxS[:, None, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxKxSxd.dtype)
+    y = jnp.einsum("bkgts,bksd->btkgd", probs, v_BxKxSxd, preferred_element_type=v_BxKxSxd.dtype)
+    return y.reshape(B, T, H, hd)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -239,10 +308,13 @@ class Attention(nn.Module):
         H, Hkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # One GEMM for q, k and v (h is read once, dh is one GEMM), one RoPE + QK-norm pass over q and k
         # together; the three kernels stay separate params (Muon, export).
-        D = h_BxTxD.shape[-1]
-        w_qkv = jnp.concatenate([Kernel((D, H * hd), name="c_q")(), Kernel((D, Hkv * hd), name="c_k")(),
-                                 Kernel((D, Hkv * hd), name="c_v")()], axis=1)
-        qkv = matmul(h_BxTxD, w_qkv, cfg.dtype).reshape(B, T, H + 2 * Hkv, hd)
+        D, out_in = h_BxTxD.shape[-1], cfg.kernel_layout == "out_in"
+        if out_in:  # inference_params fused them once (concatenating per call copied 9.8 MB a d20 layer)
+            w_qkv = block_kernel(cfg, "c_qkv", D, (H + 2 * Hkv) * hd)
+        else:
+            w_qkv = jnp.concatenate([block_kernel(cfg, "c_q", D, H * hd), block_kernel(cfg, "c_k", D, Hkv * hd),
+                                     block_kernel(cfg, "c_v", D, Hkv * hd)], axis=1)
+        qkv = matmul(h_BxTxD, w_qkv, cfg.dtype, out_in).reshape(B, T, H + 2 * Hkv, hd)
         qk = rope_qk_norm(qkv[:, :, :H + Hkv], cos, sin)  # QK-norm after RoPE (SPEC §2)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         scale = 1.0 / math.sqrt(hd)
@@ -252,14 +324,11 @@ class Attention(nn.Module):
                                              implementation=cfg.attention)
         else:
             rows_BxT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-            cache = {"k": cache["k"].at[layer, rows_BxT, q_pos_BxT].set(k),
-                     "v": cache["v"].at[layer, rows_BxT, q_pos_BxT].set(v)}
-            S = cache["k"].shape[2]
-            mask_BxTxS = jnp.arange(S)[None, None, :] <= q_pos_BxT[:, :, None]
-            y = jax.nn.dot_product_attention(q, cache["k"][layer], cache["v"][layer], scale=scale,
-                                             mask=mask_BxTxS[:, None], implementation="xla")
-        out_proj = Linear(cfg.d_model, cfg, nn.initializers.zeros, name="c_proj")
-        return out_proj(y.reshape(B, T, H * hd)), cache
+            # (layer, row, :, :, position) picks a (B, T) grid of (2, Hkv, hd) slots: k and v in one write
+            cache = cache.at[layer, rows_BxT, :, :, q_pos_BxT].set(jnp.stack([k, v], axis=2))
+            y = cached_attention(q, cache[layer, :, 0], cache[layer, :, 1], q_pos_BxT, scale)
+        w_out = block_kernel(cfg, "c_proj", H * hd, cfg.d_model, nn.initializers.zeros)
+        return matmul(y.reshape(B, T, H * hd), w_out, cfg.dtype, out_in), cache
 
 
 class MLP(nn.Module):
@@ -267,9 +336,10 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, h_BxTxD):
-        u = Linear(4 * self.cfg.d_model, self.cfg, name="c_fc")(h_BxTxD)
-        u = relu_squared(u)
-        return Linear(self.cfg.d_model, self.cfg, nn.initializers.zeros, name="c_proj")(u)
+        cfg, D = self.cfg, h_BxTxD.shape[-1]
+        w_fc = block_kernel(cfg, "c_fc", D, 4 * cfg.d_model).astype(cfg.dtype)
+        w_proj = block_kernel(cfg, "c_proj", 4 * cfg.d_model, cfg.d_model, nn.initializers.zeros).astype(cfg.dtype)
+        return mlp_relu2(h_BxTxD, w_fc, w_proj, cfg.dtype, cfg.kernel_layout == "out_in")
 
 
 class Block(nn.Module):
@@ -338,7 +408,8 @@ def init_params(cfg: ModelConfig, rng) -> dict:
     (each {'kernel': (L, in, out)}), 'lm_head': {'kernel': (D, V)}}."""
     # The init trace runs a forward on one token; XLA attention there avoids cuDNN shape limits
     # (the attention kernel has no params, so this changes nothing).
-    model = GPT(dataclasses.replace(cfg, attention="xla", compute_dtype="float32", remat="none", scan_layers=True))
+    model = GPT(dataclasses.replace(cfg, attention="xla", compute_dtype="float32", remat="none", scan_layers=True,
+                                    kernel_layout="in_out"))
     return jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
@@ -382,11 +453,14 @@ def _chunked_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
     B, T, _ = x_BxTxD.shape
     w = kernel_DxV.astype(dtype)
 
+    acc = jnp.promote_types(dtype, jnp.float32)
+
     def one(_, xt):
         x, t = xt
-        logits = _chunk_logits(x, w, dtype)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
+        raw = matmul(x, w, dtype)  # the GEMM's compute-dtype output is all that is stored
+        # softcapped logits are <= SOFTCAP, so SOFTCAP is a safe shift: one pass over the logits, no max
+        lse = SOFTCAP + jnp.log(jnp.sum(jnp.exp(softcap(raw.astype(acc)) - SOFTCAP), axis=-1))
+        picked = softcap(jnp.take_along_axis(raw, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0].astype(acc))
         return None, (jnp.where(t != -1, lse - picked, 0.0), lse)
 
     _, (losses, lse) = lax.scan(one, None, (_chunks(x_BxTxD, chunk, 0), _chunks(targets_BxT, chunk, -1)))
@@ -433,10 +507,27 @@ def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT):
     return jnp.sum(losses) / count, losses
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
-    """Empty KV cache {'k', 'v'}: (L, B, max_len, Hkv, head_dim) in the compute dtype."""
-    shape = (cfg.depth, batch, max_len, cfg.n_kv_head, cfg.head_dim)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+def init_cache(cfg: ModelConfig, batch: int, max_len: int):
+    """Empty KV cache (L, B, 2, Hkv, max_len, head_dim) in the compute dtype, [:, :, 0] keys, [:, :, 1]
+    values: one array, so a step writes a layer's keys and values with one scatter."""
+    return jnp.zeros((cfg.depth, batch, 2, cfg.n_kv_head, max_len, cfg.head_dim), cfg.dtype)
+
+
+def inference_params(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Params and config for generation: floats cast to the compute dtype once, block kernels stored
+    (out, in), and q, k, v fused into one c_qkv kernel (rows q, then k, then v). A one-row decode product
+    then reads each weight row contiguously: XLA's reduction over the minor axis streamed d20's block
+    weights 1.4–2.6x faster than over the (in, out) layout's major axis on an H100 (bench/gemv.py).
+    The LM head keeps (in, out), measured as fast."""
+    if cfg.kernel_layout == "out_in":
+        return params, cfg
+    cast = lambda p: p.astype(cfg.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+    blocks = jax.tree.map(lambda w: jnp.swapaxes(cast(w), -1, -2), params["blocks"])
+    attn = blocks["attn"]
+    attn = {"c_qkv": {"kernel": jnp.concatenate([attn[n]["kernel"] for n in ("c_q", "c_k", "c_v")], axis=1)},
+            "c_proj": attn["c_proj"]}
+    params = {**jax.tree.map(cast, params), "blocks": {**blocks, "attn": attn}}
+    return params, dataclasses.replace(cfg, kernel_layout="out_in")
 
 
 def forward_cached(params, cfg: ModelConfig, tokens_BxT, cache, positions_B):

@@ -124,6 +124,16 @@ def test_num_samples_share_one_prefill(engine):
     assert len({tuple(r) for r in sampled}) > 1
 
 
+@pytest.mark.parametrize("k", [1, 50, 1024])
+def test_two_round_top_k_equals_lax_top_k(k):
+    x = jax.random.normal(jax.random.key(0), (3, 16 * E.TOP_K_BLOCK))
+    x = x.at[1, 5].set(x[1].max() + 1).at[2, -1].set(x[2].max() + 1)  # winners in the first and last block
+    vals, idx = E._top_k(x, k)
+    ref_vals, ref_idx = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(vals, ref_vals)
+    np.testing.assert_array_equal(idx, ref_idx)  # distinct random values: no ties to order
+
+
 @pytest.mark.parametrize("top_k, top_p", [(3, None), (None, 0.6), (10, 0.5)])
 def test_top_k_top_p_restrict_the_support(top_k, top_p):
     logits = jax.random.normal(jax.random.key(3), (1, 64)) * 2.0
