@@ -104,7 +104,7 @@ KNOWN_STAGES = ("tokenizer", "base")  # later issues append mid, sft, rl, eval, 
 _CHOICES = {
     "model.compute_dtype": ("auto", "bfloat16", "float32"),
     "model.attention": ("auto", "cudnn", "xla"),
-    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "dots_attention_mlp_saveable"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "data.source": ("fineweb", "embedded"),
     "model.residual_dtype": ("float32", "compute"),
 }

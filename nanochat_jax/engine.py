@@ -17,8 +17,9 @@ Drivers over the same step function:
 Both use the key `fold_in(key(seed), step)` at every step, so for one seed they sample the same tokens.
 
 Few compiles: prompts are padded to a power of two (>= 64), the cache length is the needed length
-rounded up to a multiple of 128 (the whole context when max_tokens is None, as in chat), and
-temperature / max_tokens are traced. `TRACES` counts how often each jitted function was traced,
+rounded up to a multiple of 128 (the whole context when max_tokens is None, as in chat), a step
+attends to the cache's first 128, 256, 512, ... slots only (`attend_len`: one compile per length a
+conversation reaches), and temperature / max_tokens are traced. `TRACES` counts how often each jitted function was traced,
 which is how often it was compiled.
 """
 from __future__ import annotations
@@ -88,9 +89,27 @@ def sample_tokens(logits_BxV, key, temperature, top_k: int | None = None, top_p:
 # The jitted steps
 
 
+def attend_len(needed: int, max_len: int) -> int:
+    """How many cache slots a step reads when its positions are < needed: the next of 128, 256, 512, ...
+    (capped at max_len), so a step never reads the empty end of a long cache (a chat's cache is the
+    whole context) and each length compiles once."""
+    n = CACHE_LEN_MULTIPLE
+    while n < needed:
+        n *= 2
+    return min(n, max_len)
+
+
+def _attend_buckets(first_needed: int, max_len: int) -> list[int]:
+    ends = [attend_len(first_needed, max_len)]
+    while ends[-1] < max_len:
+        ends.append(attend_len(ends[-1] + 1, max_len))
+    return ends
+
+
 def _prefill(params, cfg, tokens_BxT, lengths_B, max_len: int, copies: int):
     """-> (logits at each prompt's last token, cache, next write positions), each row repeated `copies` times."""
-    B = tokens_BxT.shape[0]
+    B, T = tokens_BxT.shape
+    cfg = dataclasses.replace(cfg, attend_len=attend_len(T, max_len))
     gpt = model_lib.GPT(cfg)
     cache = model_lib.init_cache(cfg, B, max_len)
     # hidden, then the head on the last real token only: (B, T, V) fp32 logits would be large.
@@ -138,20 +157,24 @@ def generate_on_device(params, cfg, tokens_BxT, lengths_B, key, temperature, max
     no_force_N = jnp.full((N,), -1, jnp.int32)
     stops = jnp.array(stop_ids, jnp.int32)
 
-    def cond(carry):
-        step, _, _, _, done_N, _ = carry
-        return (step < max_tokens) & ~jnp.all(done_N)
+    def cond(end, carry):
+        step, _, positions, _, done_N, _ = carry
+        return (step < max_tokens) & ~jnp.all(done_N) & (jnp.max(positions) < end)
 
-    def body(carry):
+    def body(end, carry):
         step, logits, positions, cache, done_N, out_NxS = carry
-        tok, logits, positions, cache = _step(params, cfg, top_k, top_p, logits, key, step, temperature,
-                                              no_force_N, positions, cache)
+        tok, logits, positions, cache = _step(params, dataclasses.replace(cfg, attend_len=end), top_k, top_p, logits,
+                                              key, step, temperature, no_force_N, positions, cache)
         tok = jnp.where(done_N, pad_id, tok)
         out_NxS = lax.dynamic_update_slice(out_NxS, tok[:, None], (0, step))
         return step + 1, logits, positions, cache, done_N | jnp.isin(tok, stops), out_NxS
 
     carry = (jnp.int32(0), logits, positions, cache, jnp.zeros(N, bool), jnp.full((N, max_len), pad_id, jnp.int32))
-    return lax.while_loop(cond, body, carry)[-1]
+    # One loop per attention length: while every row writes below `end`, steps read only cache[:end].
+    # The first assumes the longest prompt fills its bucket (T); the last ends at max_len, so no step is lost.
+    for end in _attend_buckets(tokens_BxT.shape[1] + 1, max_len):
+        carry = lax.while_loop(functools.partial(cond, end), functools.partial(body, end), carry)
+    return carry[-1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +280,8 @@ class Engine:
         done = [False] * n_rows
         for step in range(max_tokens):
             forced = np.array([r.forced.popleft() if r.forced else -1 for r in tools], np.int32)
-            tok, logits, positions, cache = decode(self.params, self.cfg, top_k, top_p, logits, key, step,
+            cfg = dataclasses.replace(self.cfg, attend_len=attend_len(max(lengths) + step + 1, max_len))
+            tok, logits, positions, cache = decode(self.params, cfg, top_k, top_p, logits, key, step,
                                                    temperature, forced, positions, cache)
             column, mask = [], []
             for i, t in enumerate(np.asarray(tok).tolist()):

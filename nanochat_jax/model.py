@@ -28,31 +28,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
 from nanochat_jax.config import ConfigError
 
 ROPE_BASE = 10000.0
 SOFTCAP = 15.0
 
-# Outputs of the cuDNN flash-attention forward (jax's primitive names; absent off GPU).
-_ATTENTION_FWD_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
-
-
-def _attention_fwd_saveable(prim, *_, **__):
-    return prim.name in _ATTENTION_FWD_PRIMITIVES
-
-
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # + the attention output and softmax statistics (the backward then never re-runs the attention
-    # forward) + the MLP's ReLU² output (its backward needs nothing else: see mlp_relu2)
-    "dots_attention_mlp_saveable": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_from_both_policies(
-            jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _attention_fwd_saveable),
-        jax.checkpoint_policies.save_only_these_names("mlp_hidden")),
 }
 
 
@@ -71,11 +56,12 @@ class ModelConfig:
     sequence_len: int
     compute_dtype: str = "float32"  # bfloat16 | float32 (float64 for numerical tests, needs jax x64)
     attention: str = "xla"  # cudnn | xla (training path; the cached path is always xla)
-    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable | dots_attention_mlp_saveable
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
     residual_dtype: str = "float32"  # float32 | compute (the reference's bf16 residual stream under autocast)
     scan_layers: bool = True  # False: one traced copy of the block per layer (same params, no while loop)
     kernel_layout: str = "in_out"  # of the block kernels; "out_in" only in inference_params' output
+    attend_len: int = 0  # >0: cached attention reads only cache slots [0, attend_len) (all positions < it)
 
     def __post_init__(self):
         if self.compute_dtype not in ("bfloat16", "float32", "float64"):
@@ -95,6 +81,8 @@ class ModelConfig:
             raise ConfigError(f"residual_dtype must be float32 or compute, got {self.residual_dtype!r}")
         if self.kernel_layout not in ("in_out", "out_in"):
             raise ConfigError(f"kernel_layout must be in_out or out_in, got {self.kernel_layout!r}")
+        if self.attend_len < 0:
+            raise ConfigError(f"attend_len must be >= 0, got {self.attend_len}")
         if self.loss_chunk < 0:
             raise ConfigError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
 
@@ -195,37 +183,9 @@ def rope_qk_norm(x_BxTxNxH, cos, sin):
     return rms_norm(apply_rope(x_BxTxNxH, cos.astype(x_BxTxNxH.dtype), sin.astype(x_BxTxNxH.dtype)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def mlp_relu2(h, w_fc, w_proj, dtype, out_in: bool = False):
-    """relu(h @ w_fc)² @ w_proj, kernels already in `dtype`. The backward pass needs only the hidden
-    activation r = relu(u)² (du = 2·sqrt(r)·dr, as relu(u) = sqrt(r)), not u; so a remat policy that
-    saves r (named "mlp_hidden") keeps one tensor of the layer's widest shape, and nothing re-runs
-    the ReLU² in the backward."""
-    return _mlp_fwd(h, w_fc, w_proj, dtype, out_in)[0]
-
-
-def _mlp_fwd(h, w_fc, w_proj, dtype, out_in=False):
-    u = matmul(h, w_fc, dtype, out_in)
-    r = jnp.square(jax.nn.relu(u.astype(jnp.promote_types(dtype, jnp.float32)))).astype(dtype)
-    return matmul(r, w_proj, dtype, out_in), (h, w_fc, w_proj, checkpoint_name(r, "mlp_hidden"))
-
-
-def _mlp_bwd(dtype, out_in, res, g):
-    if out_in:
-        raise NotImplementedError("inference_params (out_in kernels) are for generation, not training")
-    h, w_fc, w_proj, r = res
-    g = g.astype(dtype)
-    dr = lax.dot_general(g, w_proj, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
-    wide = jnp.promote_types(dtype, jnp.float32)
-    du = (2 * jnp.sqrt(r.astype(wide)) * dr.astype(wide)).astype(dtype)
-    batch = tuple(range(h.ndim - 1))
-    dw_fc = lax.dot_general(h.astype(dtype), du, ((batch, batch), ((), ())), preferred_element_type=dtype)
-    dw_proj = lax.dot_general(r, g, ((batch, batch), ((), ())), preferred_element_type=dtype)
-    dh = lax.dot_general(du, w_fc, (((du.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
-    return dh.astype(h.dtype), dw_fc.astype(w_fc.dtype), dw_proj.astype(w_proj.dtype)
-
-
-mlp_relu2.defvjp(_mlp_fwd, _mlp_bwd)
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def relu_squared(u):
+    return jnp.square(jax.nn.relu(u.astype(jnp.promote_types(u.dtype, jnp.float32)))).astype(u.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +286,8 @@ class Attention(nn.Module):
             rows_BxT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
             # (layer, row, :, :, position) picks a (B, T) grid of (2, Hkv, hd) slots: k and v in one write
             cache = cache.at[layer, rows_BxT, :, :, q_pos_BxT].set(jnp.stack([k, v], axis=2))
-            y = cached_attention(q, cache[layer, :, 0], cache[layer, :, 1], q_pos_BxT, scale)
+            S = cfg.attend_len or cache.shape[4]  # the caller promises every position is < attend_len
+            y = cached_attention(q, cache[layer, :, 0, :, :S], cache[layer, :, 1, :, :S], q_pos_BxT, scale)
         w_out = block_kernel(cfg, "c_proj", H * hd, cfg.d_model, nn.initializers.zeros)
         return matmul(y.reshape(B, T, H * hd), w_out, cfg.dtype, out_in), cache
 
@@ -336,10 +297,10 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, h_BxTxD):
-        cfg, D = self.cfg, h_BxTxD.shape[-1]
-        w_fc = block_kernel(cfg, "c_fc", D, 4 * cfg.d_model).astype(cfg.dtype)
-        w_proj = block_kernel(cfg, "c_proj", 4 * cfg.d_model, cfg.d_model, nn.initializers.zeros).astype(cfg.dtype)
-        return mlp_relu2(h_BxTxD, w_fc, w_proj, cfg.dtype, cfg.kernel_layout == "out_in")
+        cfg, D, out_in = self.cfg, h_BxTxD.shape[-1], self.cfg.kernel_layout == "out_in"
+        u = matmul(h_BxTxD, block_kernel(cfg, "c_fc", D, 4 * cfg.d_model), cfg.dtype, out_in)
+        w_proj = block_kernel(cfg, "c_proj", 4 * cfg.d_model, cfg.d_model, nn.initializers.zeros)
+        return matmul(relu_squared(u), w_proj, cfg.dtype, out_in)
 
 
 class Block(nn.Module):
