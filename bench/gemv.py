@@ -5,23 +5,44 @@ as in the engine's unrolled decode. Prints GB/s of weight traffic, median of 50 
   xla          XLA's default lowering, weight (in, out) as Flax keeps it
   xla-out-in   the same with the weight stored (out, in)
   cublas-pad16 rows padded to 16 and XLA's Triton GEMMs off (so cuBLAS runs it)
-  pallas       nanochat_jax.gemv: a Pallas kernel, one (bk, bn) weight tile per program, partial sums over K
-  pallas-slice the same given w[i] rather than the stack and i
+  pallas       the Pallas kernel below: one (bk, bn) weight tile per program, partial sums over K
+  pallas-slice the same given w[i] rather than the stack and i (XLA copies the slice first)
+
+Findings (bench/NOTES.md): (out, in) is the fastest for the block weights, so the engine stores them
+that way (model.inference_params); the Pallas kernel is no better and stays here.
 
     python bench/gemv.py
 """
-import functools
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from nanochat_jax.gemv import gemv
+from jax.experimental import pallas as pl
 
 L = 20
 SHAPES = ((1280, 3840), (1280, 1280), (1280, 5120), (5120, 1280), (1280, 65536))
+
+
+def gemv(x_1xK, w, layer: int | None = None):
+    """x (1, K) @ w (K, N), or @ w[layer] for a stacked w (L, K, N): each program reads one (bk, bn)
+    tile of w (powers of two, as Triton wants), multiplies by its slice of x, sums the tile's rows in
+    fp32; the K // bk partial rows are summed afterwards."""
+    K, N = w.shape[-2:]
+    bk, bn = next(b for b in (256, 128, 64) if K % b == 0), next(b for b in (128, 64) if N % b == 0)
+
+    def kernel(x_ref, w_ref, o_ref):
+        x = x_ref[...].astype(jnp.float32).reshape(bk, 1)
+        o_ref[...] = jnp.sum(x * w_ref[...].astype(jnp.float32), axis=0).reshape(1, bn)
+
+    w_spec = (pl.BlockSpec((bk, bn), lambda n, k: (k, n)) if layer is None
+              else pl.BlockSpec((None, bk, bn), lambda n, k: (layer, k, n)))
+    partial_sums = pl.pallas_call(
+        kernel, grid=(N // bn, K // bk), in_specs=[pl.BlockSpec((1, bk), lambda n, k: (0, k)), w_spec],
+        out_specs=pl.BlockSpec((1, bn), lambda n, k: (k, n)),
+        out_shape=jax.ShapeDtypeStruct((K // bk, N), jnp.float32))(x_1xK, w)
+    return partial_sums.sum(axis=0, keepdims=True).astype(x_1xK.dtype)
 
 
 def bench(f, *args, n=50):
