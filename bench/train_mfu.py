@@ -25,9 +25,12 @@ def run_case(case: dict) -> dict:
     import jax
     import numpy as np
 
+    from nanochat_jax import checkpoint, sharding, train
     from nanochat_jax import model as model_lib
-    from nanochat_jax import sharding, train
     from nanochat_jax.config import base_config
+
+    if case.get("compile_cache"):
+        checkpoint.use_compile_cache(case["compile_cache"])
 
     c = base_config()
     c.model.depth, c.model.sequence_len, c.tokenizer.vocab_size = case["depth"], case["seq"], case["vocab"]
@@ -91,6 +94,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile", default=None, help="trace two extra steps of each case into DIR/<case>")
+    ap.add_argument("--compile-cache", default=None, help="use DIR/xla_cache as a run does (a second run loads "
+                                                          "the compiled step: compare the compile column)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args()
     if args.case:
@@ -103,7 +108,8 @@ def main():
                                                        args.set.split("|")):
             case = dict(depth=int(depth), batch=int(batch), seq=args.seq, vocab=args.vocab, remat=remat,
                         loss_chunk=int(chunk), attention=args.attention, dtype=args.dtype, accum=args.accum,
-                        steps=args.steps, set=[kv for kv in variant.split(";") if kv])
+                        steps=args.steps, set=[kv for kv in variant.split(";") if kv],
+                        compile_cache=args.compile_cache)
             if args.profile:
                 case["profile"] = f"{args.profile}/d{depth}_{batch}_{remat}_{chunk}_{len(rows)}"
             proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,

@@ -13,6 +13,7 @@ import os
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental.compilation_cache import compilation_cache
 
 from nanochat_jax.config import UserError
 
@@ -51,6 +52,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def use_compile_cache(base_dir: str, min_compile_secs: float = 1.0) -> str:
+    """Keep compiled XLA programs in <base_dir>/xla_cache (JAX's persistent compilation cache): a
+    resumed run or a second chat loads the train step / decode loop instead of compiling it again
+    (d20: ~18 s for the step, ~16 s for the on-device decode loop on an H100). Entries are keyed by
+    the program, compile options, jax version and device, so a changed config simply compiles anew."""
+    path = os.path.abspath(os.path.join(base_dir, "xla_cache"))
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.reset_cache()  # one process may run several runs' stages (the tests do)
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+    return path
 
 
 def check_tokenizer(meta: dict, tokenizer_hash: str, where: str) -> None:

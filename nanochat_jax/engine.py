@@ -345,10 +345,11 @@ class ChatModel:
 def load_model(stage: str, step: int | None = None, base_dir: str | None = None, run_name: str | None = None):
     """-> (ChatModel, tokenizer, meta) from <base_dir>/checkpoints/<stage>/ and <base_dir>/tokenizer/.
     base_dir defaults to $NANOCHAT_BASE_DIR, else runs/tiny. Raises config.UserError when missing."""
-    from nanochat_jax.checkpoint import check_tokenizer, restore_model
+    from nanochat_jax.checkpoint import check_tokenizer, restore_model, use_compile_cache
     from nanochat_jax.config import UserError
 
     base_dir = base_dir or os.environ.get("NANOCHAT_BASE_DIR", "runs/tiny")
+    use_compile_cache(base_dir)
     params, config, meta = restore_model(base_dir, stage, run_name=run_name, step=step)
     from nanochat_jax.tokenizer import Tokenizer  # after the restore: a missing checkpoint is the likelier error
     tokenizer_dir = os.path.join(base_dir, "tokenizer")

@@ -290,6 +290,7 @@ def _loss_curve_png(metrics_path: str, history: dict, out_path: str) -> str:
 def run_stage(config) -> dict:
     """Pipeline stage `base`: pretrain on the corpus' train shards, evaluate on its last shard."""
     sharding.maybe_initialize_distributed()
+    ckpt_lib.use_compile_cache(config.base_dir)
     bad_before = data_lib.bad_input_counts()
     tokenizer = _load_tokenizer(config)
     files = data_lib.stage_corpus(config, "base")

@@ -235,3 +235,23 @@ def test_an_older_checkpoint_config_gets_todays_defaults():
     config = _with_defaults(saved)
     assert config.model.depth == 4 and config.run_name == "old"
     assert config.model.residual_dtype == base_config().model.residual_dtype
+
+
+_CACHE_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp
+from nanochat_jax import checkpoint
+checkpoint.use_compile_cache(sys.argv[1], min_compile_secs=0)
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+jax.jit(lambda x: jnp.tanh(x @ x).sum())(jnp.ones((32, 32))).block_until_ready()
+print(json.dumps(events.count("/jax/compilation_cache/cache_hits")))
+"""
+
+
+def test_a_second_process_loads_the_compiled_program_from_the_run_dir(tmp_path):
+    run = lambda: subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(tmp_path)], capture_output=True,
+                                 text=True, timeout=120, check=True).stdout.strip().splitlines()[-1]
+    assert json.loads(run()) == 0
+    assert os.listdir(tmp_path / "xla_cache")
+    assert json.loads(run()) >= 1
