@@ -1,7 +1,7 @@
 """Checks that only mean something on a GPU: cuDNN flash attention against XLA's attention.
 
 Skipped on machines without a CUDA GPU (CI has none); run on the GPU machine with
-`python -m pytest -q tests/test_gpu.py`.
+`JAX_PLATFORMS=cuda python -m pytest -q tests/test_gpu.py` (tests/conftest.py otherwise pins the CPU).
 """
 import dataclasses
 
@@ -45,3 +45,30 @@ def test_cudnn_attention_matches_xla_forward_and_gradients(n_kv_head):
     assert _rel(logits["cudnn"], logits["xla"]) < 2e-2
     assert abs(float(l_cudnn) - float(l_xla)) < 1e-2 * float(l_xla)
     assert max(grad_errs) < 5e-2
+
+
+def test_bf16_generation_path_matches_the_training_forward():
+    """inference_params ((out, in) bf16 kernels, fused q/k/v) + KV cache + attention over the first
+    attend_len slots, against the cuDNN training forward, both bf16: agreement at bf16 rounding."""
+    from nanochat_jax import engine as E
+
+    cfg = M.ModelConfig.from_depth(4, vocab_size=1024, sequence_len=512, compute_dtype="bfloat16",
+                                   attention="cudnn")
+    params = M.init_params(cfg, jax.random.key(0))
+    params["lm_head"]["kernel"] = 0.02 * jax.random.normal(jax.random.key(1), params["lm_head"]["kernel"].shape)
+    seq = jax.random.randint(jax.random.key(2), (1, 200), 0, 1024)
+    full = jax.jit(lambda p: M.logits_fn(p, cfg, seq))(params)[0]
+    inf_params, inf_cfg = M.inference_params(params, dataclasses.replace(cfg, scan_layers=False))
+    tokens = np.zeros((1, 128), np.int32)
+    tokens[0, :120] = np.asarray(seq[0, :120])
+    logits, cache, positions = E.prefill(inf_params, inf_cfg, tokens, np.array([120], np.int32), max_len=256,
+                                         copies=1)
+    got = [logits[0]]
+    for step in range(79):  # positions 120..198: crosses the 128-slot attention length
+        cfg_step = dataclasses.replace(inf_cfg, attend_len=E.attend_len(120 + step + 1, 256))
+        _, logits, positions, cache = E.decode(inf_params, cfg_step, None, None, logits, jax.random.key(0), step,
+                                               jnp.float32(1.0), seq[:, 120 + step].astype(jnp.int32), positions, cache)
+        got.append(logits[0])
+    err = _rel(jnp.stack(got), full[119:199])
+    print(f"generation path vs training forward (bf16): {err:.2e}")
+    assert err < 2e-2
