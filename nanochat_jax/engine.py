@@ -19,8 +19,8 @@ Both use the key `fold_in(key(seed), step)` at every step, so for one seed they 
 Few compiles: prompts are padded to a power of two (>= 64), the cache length is the needed length
 rounded up to a multiple of 128 (the whole context when max_tokens is None, as in chat), a step
 attends to the cache's first 128, 256, 512, ... slots only (`attend_len`: one compile per length a
-conversation reaches), and temperature / max_tokens are traced. `TRACES` counts how often each jitted function was traced,
-which is how often it was compiled.
+conversation reaches), and temperature / max_tokens are traced. `TRACES` counts how often each
+jitted function was traced, which is how often it was compiled.
 """
 from __future__ import annotations
 
