@@ -215,7 +215,7 @@ def matmul(x, kernel, dtype, out_in: bool = False):
 
 
 class Kernel(nn.Module):
-    """A bias-free (in, out) fp32 weight, as a module so that it has its own name in the params tree."""
+    """A bias-free fp32 weight of `shape`, as a module so that it has its own name in the params tree."""
     shape: tuple[int, int]
     init: Callable[..., Any] = _matrix_init
 
@@ -227,18 +227,6 @@ class Kernel(nn.Module):
 def block_kernel(cfg: ModelConfig, name: str, n_in: int, n_out: int, init=_matrix_init):
     """A block's weight, stored (in, out), or (out, in) in inference_params' output."""
     return Kernel((n_out, n_in) if cfg.kernel_layout == "out_in" else (n_in, n_out), init, name=name)()
-
-
-class Linear(nn.Module):
-    """Bias-free (in, out) matmul of an fp32 kernel in the compute dtype (see `matmul`)."""
-    features: int
-    cfg: ModelConfig
-    kernel_init: Callable[..., Any] = _matrix_init
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        return matmul(x, kernel, self.cfg.dtype)
 
 
 def cached_attention(q_BxTxHxd, k_BxKxSxd, v_BxKxSxd, q_pos_BxT, scale):
@@ -327,7 +315,7 @@ class GPT(nn.Module):
             self.block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
         self.blocks = nn.scan(self.block, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.depth)(cfg)
-        self.lm_head = Linear(cfg.vocab_size, cfg, nn.initializers.zeros)
+        self.lm_head = Kernel((cfg.d_model, cfg.vocab_size), nn.initializers.zeros)
 
     def hidden(self, tokens_BxT, positions_B=None, cache=None):
         """Final normed residual (B, T, D) in the residual dtype, and the updated cache (None when training)."""
@@ -353,7 +341,7 @@ class GPT(nn.Module):
 
     def head(self, x_BxTxD):
         """Softcapped logits in fp32."""
-        return softcap(self.lm_head(x_BxTxD).astype(self.cfg.acc_dtype))
+        return softcap(matmul(x_BxTxD, self.lm_head(), self.cfg.dtype).astype(self.cfg.acc_dtype))
 
     def __call__(self, tokens_BxT, positions_B=None, cache=None):
         x, cache = self.hidden(tokens_BxT, positions_B, cache)
@@ -408,7 +396,6 @@ def _chunked_token_losses(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
 def _chunked_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
     B, T, _ = x_BxTxD.shape
     w = kernel_DxV.astype(dtype)
-
     acc = jnp.promote_types(dtype, jnp.float32)
 
     def one(_, xt):
@@ -486,7 +473,8 @@ def inference_params(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     attn = blocks["attn"]
     attn = {"c_qkv": {"kernel": jnp.concatenate([attn[n]["kernel"] for n in ("c_q", "c_k", "c_v")], axis=1)},
             "c_proj": attn["c_proj"]}
-    params = {**jax.tree.map(cast, params), "blocks": {**blocks, "attn": attn}}
+    params = {name: jax.tree.map(cast, tree) for name, tree in params.items() if name != "blocks"}
+    params["blocks"] = {**blocks, "attn": attn}
     return params, dataclasses.replace(cfg, kernel_layout="out_in")
 
 
