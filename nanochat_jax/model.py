@@ -383,74 +383,91 @@ def _chunks(a, chunk, fill):
     return jnp.pad(a, pad, constant_values=fill).reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_token_losses(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
-    """Same as _token_losses(softcap(x @ kernel)) over chunks of `chunk` positions x all rows, with a
-    hand-written backward pass: the forward keeps only each token's logsumexp; the backward recomputes
-    a chunk's logits and turns them into d(logits) in one fused pass. So the (B, T, V) fp32 logits never
-    exist, and each chunk's logits are read and written as few times as the math allows (XLA's own
-    differentiation of softcap + logsumexp made ~8 fp32 passes over them: 54 ms of a 590 ms d20 step)."""
-    return _chunked_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype)[0]
+def _softcap_sigmoid(raw, acc):
+    """r = 1 / (1 + e^(2 raw / SOFTCAP)), in terms of which softcap(raw) = SOFTCAP (1 - 2r) and
+    softcap'(raw) = 4 r (1 - r): one exponential and one division per logit, where tanh and the
+    exponentials of its derivative cost several (the passes over the 65,536-way logits are bound by
+    these transcendentals, not by memory). Saturates cleanly: e^(...) = inf gives r = 0."""
+    return 1 / (1 + jnp.exp(raw.astype(acc) * (2 / SOFTCAP)))
 
 
-def _chunked_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, chunk, dtype):
-    B, T, _ = x_BxTxD.shape
-    w = kernel_DxV.astype(dtype)
-    acc = jnp.promote_types(dtype, jnp.float32)
-
-    def one(_, xt):
-        x, t = xt
-        raw = matmul(x, w, dtype)  # the GEMM's compute-dtype output is all that is stored
-        # softcapped logits are <= SOFTCAP, so SOFTCAP is a safe shift: one pass over the logits, no max
-        lse = SOFTCAP + jnp.log(jnp.sum(jnp.exp(softcap(raw.astype(acc)) - SOFTCAP), axis=-1))
-        picked = softcap(jnp.take_along_axis(raw, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0].astype(acc))
-        return None, (jnp.where(t != -1, lse - picked, 0.0), lse)
-
-    _, (losses, lse) = lax.scan(one, None, (_chunks(x_BxTxD, chunk, 0), _chunks(targets_BxT, chunk, -1)))
-    unchunk = lambda a: a.swapaxes(0, 1).reshape(B, -1)[:, :T]
-    return unchunk(losses), (x_BxTxD, kernel_DxV, targets_BxT, lse)
+def _chunk_lse(r):
+    """logsumexp of the softcapped logits SOFTCAP (1 - 2r): they are <= SOFTCAP, so SOFTCAP is a safe
+    shift and one pass suffices (no max)."""
+    return SOFTCAP + jnp.log(jnp.sum(jnp.exp(-2 * SOFTCAP * r), axis=-1))
 
 
-def _chunked_ce_bwd(chunk, dtype, res, g_BxT):
-    x_BxTxD, kernel_DxV, targets_BxT, lse_nxBxc = res
+def _chunk_losses(raw, t, lse, acc):
+    picked = softcap(jnp.take_along_axis(raw, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0].astype(acc))
+    return jnp.where(t != -1, lse - picked, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_ce(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype):
+    """(sum of weights x cross-entropy of softcap(x @ kernel), per-token losses) over chunks of `chunk`
+    positions x all rows, so the (B, T, V) logits never exist; only the first output is differentiable.
+
+    Differentiated, the forward pass also computes the gradients (the loss is a weighted sum, so its
+    cotangent is one scalar that the backward pass only multiplies in): each chunk's logits come from
+    one GEMM and are read twice (logsumexp, then d(logits)), and the LM-head GEMM is not recomputed
+    in the backward pass (a d20 step saved ~15 ms on an H100). XLA's own differentiation of softcap +
+    logsumexp made ~8 fp32 passes over the logits."""
+    (total, losses), _ = _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, grads=False)
+    return total, losses
+
+
+def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, grads=True):
+    B, T, D = x_BxTxD.shape
     w = kernel_DxV.astype(dtype)
     V = w.shape[1]
+    acc = jnp.promote_types(dtype, jnp.float32)
 
-    def one(dw, xtgl):
-        x, t, g, lse = xtgl
-        z = matmul(x, w, dtype).astype(jnp.promote_types(dtype, jnp.float32)) / SOFTCAP
-        # d loss / d softcapped logit = softmax - onehot; softcap' = 1 - tanh(z)^2 = 4 / (e^z + e^-z)^2.
-        # Written with tanh used once: XLA will not fuse an expensive op into a consumer that reads it
-        # twice, and then wrote and re-read each chunk's fp32 tanh (d20 on an H100: 8.6 + 8.5 ms of
-        # passes became one 13.7 ms pass, compute-bound on the transcendentals).
-        d = jnp.exp(SOFTCAP * jnp.tanh(z) - lse[..., None]) - jax.nn.one_hot(t, V, dtype=z.dtype)
-        dsoftcap = 4 / jnp.square(jnp.exp(z) + jnp.exp(-z))
-        d = (d * (jnp.where(t != -1, g, 0.0)[..., None] * dsoftcap)).astype(dtype)
+    def one(dw, xtw):
+        x, t, wt = xtw
+        raw = matmul(x, w, dtype)  # the GEMM's compute-dtype output is all that is stored
+        r = _softcap_sigmoid(raw, acc)
+        lse = _chunk_lse(r)
+        losses = _chunk_losses(raw, t, lse, acc)
+        if not grads:
+            return dw, (losses, None)
+        # d loss / d softcapped logit = softmax - onehot, times softcap' and the token's weight
+        d = jnp.exp(SOFTCAP * (1 - 2 * r) - lse[..., None]) - jax.nn.one_hot(t, V, dtype=acc)
+        d = (d * (4 * r * (1 - r)) * jnp.where(t != -1, wt, 0.0)[..., None]).astype(dtype)
         dx = lax.dot_general(d, w, (((2,), (1,)), ((), ())), preferred_element_type=x.dtype)
-        dw = dw + lax.dot_general(x.astype(dtype), d, (((0, 1), (0, 1)), ((), ())),
-                                  preferred_element_type=dw.dtype)
-        return dw, dx
+        dw = dw + lax.dot_general(x.astype(dtype), d, (((0, 1), (0, 1)), ((), ())), preferred_element_type=dw.dtype)
+        return dw, (losses, dx)
 
-    B, T, D = x_BxTxD.shape
-    dw, dx = lax.scan(one, jnp.zeros(kernel_DxV.shape, kernel_DxV.dtype),
-                      (_chunks(x_BxTxD, chunk, 0), _chunks(targets_BxT, chunk, -1), _chunks(g_BxT, chunk, 0),
-                       lse_nxBxc))
-    return dx.swapaxes(0, 1).reshape(B, -1, D)[:, :T], dw, None
+    dw0 = jnp.zeros(kernel_DxV.shape, kernel_DxV.dtype) if grads else None
+    dw, (losses, dx) = lax.scan(one, dw0, (_chunks(x_BxTxD, chunk, 0), _chunks(targets_BxT, chunk, -1),
+                                          _chunks(weights_BxT.astype(acc), chunk, 0)))
+    losses = losses.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    total = jnp.sum(losses * weights_BxT)
+    if not grads:
+        return (total, losses), None
+    return (total, losses), (dx.swapaxes(0, 1).reshape(B, -1, D)[:, :T], dw)
 
 
-_chunked_token_losses.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+def _fused_ce_bwd(chunk, dtype, res, cotangents):
+    g, _ = cotangents  # per-token losses are not differentiable (loss_fn stops their gradient)
+    dx, dw = res
+    return (g * dx).astype(dx.dtype), g * dw, None, None
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT):
-    """(mean cross-entropy over targets != -1, per-token losses (B, T) with 0 at ignored targets)."""
+    """(mean cross-entropy over targets != -1, per-token losses (B, T) with 0 at ignored targets; only the
+    mean is differentiable when loss_chunk > 0)."""
     model = GPT(cfg)
     x, _ = model.apply({"params": params}, inputs_BxT, method=GPT.hidden)
-    if cfg.loss_chunk > 0:
-        losses = _chunked_token_losses(x, params["lm_head"]["kernel"], targets_BxT, min(cfg.loss_chunk, x.shape[1]),
-                                       cfg.dtype)
-    else:
-        losses = _token_losses(model.apply({"params": params}, x, method=GPT.head), targets_BxT)
     count = jnp.maximum(jnp.sum(targets_BxT != -1), 1)
+    if cfg.loss_chunk > 0:
+        weights = jnp.where(targets_BxT != -1, 1.0 / count, 0.0)
+        loss, losses = _fused_ce(x, params["lm_head"]["kernel"], targets_BxT, weights,
+                                 min(cfg.loss_chunk, x.shape[1]), cfg.dtype)
+        return loss, lax.stop_gradient(losses)
+    losses = _token_losses(model.apply({"params": params}, x, method=GPT.head), targets_BxT)
     return jnp.sum(losses) / count, losses
 
 

@@ -236,6 +236,19 @@ def test_chunked_loss_equals_plain_loss_and_grads(plain):
         np.testing.assert_allclose(g2, g1, rtol=1e-4, atol=1e-7)
 
 
+def test_chunked_loss_scales_its_gradients_by_the_cotangent(plain):
+    """The chunked loss computes its gradients in the forward pass; the backward pass must still apply
+    the cotangent (here 3x the loss), and the un-differentiated call must give the same losses."""
+    cfg, p, x, y, ((loss, per_tok), grads) = plain
+    cfg = dataclasses.replace(cfg, loss_chunk=4)
+    g3 = jax.jit(jax.grad(lambda p: 3.0 * M.loss_fn(p, cfg, x, y)[0]))(p)
+    for g1, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(g3)):
+        np.testing.assert_allclose(g2, 3.0 * g1, rtol=1e-4, atol=1e-7)
+    e_loss, e_per_tok = jax.jit(lambda p: M.loss_fn(p, cfg, x, y))(p)
+    assert float(e_loss) == pytest.approx(float(loss), rel=1e-6)
+    np.testing.assert_allclose(e_per_tok, per_tok, rtol=1e-6, atol=1e-6)
+
+
 def test_unrolled_layers_give_the_scanned_loss_and_gradients(plain):
     cfg, p, x, y, ((loss, _), grads) = plain
     (u_loss, _), u_grads = loss_and_grads(dataclasses.replace(cfg, scan_layers=False, remat="full"), p, x, y)
@@ -269,7 +282,7 @@ _FD_SCRIPT = textwrap.dedent("""
         return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
 
     jax.nn.dot_product_attention = attention64
-    cfg = tiny(n_kv_head=2, compute_dtype="float64")
+    cfg = tiny(n_kv_head=2, compute_dtype="float64", loss_chunk=int(sys.argv[2]))
     p = jax.tree.map(lambda a: a.astype(jnp.float64), random_params(cfg))
     x = tokens((2, 8))
     y = jnp.roll(x, -1, axis=1).at[0, 2].set(-1)
@@ -292,10 +305,11 @@ _FD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_gradients_match_finite_differences_in_float64():
+@pytest.mark.parametrize("loss_chunk", [0, 3])  # 3: the fused chunked loss, its padded tail included
+def test_gradients_match_finite_differences_in_float64(loss_chunk):
     env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu", XLA_FLAGS="")
     here = os.path.dirname(os.path.abspath(__file__))
-    res = subprocess.run([sys.executable, "-c", _FD_SCRIPT, here], env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", _FD_SCRIPT, here, str(loss_chunk)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     pairs = np.array(json.loads(res.stdout.strip().splitlines()[-1]))
