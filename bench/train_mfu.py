@@ -22,6 +22,7 @@ import sys
 import time
 
 def run_case(case: dict) -> dict:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # as run_pipeline.py sets it
     import jax
     import numpy as np
 

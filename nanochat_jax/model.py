@@ -165,10 +165,14 @@ def rope_tables(positions_BxT, head_dim: int, dtype):
 
 
 def apply_rope(x_BxTxNxH, cos_BxTxh, sin_BxTxh):
-    """Half-split rotation: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos."""
-    cos, sin = cos_BxTxh[:, :, None, :], sin_BxTxh[:, :, None, :]
-    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
-    return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+    """Half-split rotation: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos. Written as one element-wise
+    expression over x viewed (.., 2, h) with the halves swapped by a reverse, so neither direction has
+    a split, concatenate or pad for XLA to materialise."""
+    *lead, H = x_BxTxNxH.shape
+    x = x_BxTxNxH.reshape(*lead, 2, H // 2)
+    cos = jnp.stack([cos_BxTxh, cos_BxTxh], axis=-2)[:, :, None]  # (B, T, 1, 2, h)
+    sin = jnp.stack([sin_BxTxh, -sin_BxTxh], axis=-2)[:, :, None]
+    return (x * cos + jnp.flip(x, axis=-2) * sin).reshape(x_BxTxNxH.shape)
 
 
 def softcap(logits):
