@@ -182,7 +182,7 @@ def softcap(logits):
 # The two element-wise steps between matmuls keep only their compute-dtype inputs for the backward
 # pass. RoPE runs in the compute dtype, as the reference's (bf16 cos/sin tables under autocast); the
 # norm's statistics are fp32.
-@functools.partial(jax.checkpoint, prevent_cse=False)  # always inside the layer scan
+@functools.partial(jax.checkpoint, prevent_cse=False)  # always inside the Block's remat
 def rope_qk_norm(x_BxTxNxH, cos, sin):
     return rms_norm(apply_rope(x_BxTxNxH, cos.astype(x_BxTxNxH.dtype), sin.astype(x_BxTxNxH.dtype)))
 
@@ -387,25 +387,6 @@ def _chunks(a, chunk, fill):
     return jnp.pad(a, pad, constant_values=fill).reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
 
-def _softcap_sigmoid(raw, acc):
-    """r = 1 / (1 + e^(2 raw / SOFTCAP)), in terms of which softcap(raw) = SOFTCAP (1 - 2r) and
-    softcap'(raw) = 4 r (1 - r): one exponential and one division per logit, where tanh and the
-    exponentials of its derivative cost several (the passes over the 65,536-way logits are bound by
-    these transcendentals, not by memory). Saturates cleanly: e^(...) = inf gives r = 0."""
-    return 1 / (1 + jnp.exp(raw.astype(acc) * (2 / SOFTCAP)))
-
-
-def _chunk_lse(r):
-    """logsumexp of the softcapped logits SOFTCAP (1 - 2r): they are <= SOFTCAP, so SOFTCAP is a safe
-    shift and one pass suffices (no max)."""
-    return SOFTCAP + jnp.log(jnp.sum(jnp.exp(-2 * SOFTCAP * r), axis=-1))
-
-
-def _chunk_losses(raw, t, lse, acc):
-    picked = softcap(jnp.take_along_axis(raw, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0].astype(acc))
-    return jnp.where(t != -1, lse - picked, 0.0)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused_ce(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype):
     """(sum of weights x cross-entropy of softcap(x @ kernel), per-token losses) over chunks of `chunk`
@@ -429,9 +410,14 @@ def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, g
     def one(dw, xtw):
         x, t, wt = xtw
         raw = matmul(x, w, dtype)  # the GEMM's compute-dtype output is all that is stored
-        r = _softcap_sigmoid(raw, acc)
-        lse = _chunk_lse(r)
-        losses = _chunk_losses(raw, t, lse, acc)
+        # softcap(raw) = SOFTCAP (1 - 2r) and softcap'(raw) = 4 r (1 - r) with r = 1 / (1 + e^(2 raw / SOFTCAP)):
+        # one exponential and one division per logit, where tanh and its derivative cost several (these
+        # passes over the 65,536-way logits are bound by the transcendentals, not by memory); e^.. = inf
+        # gives r = 0. The softcapped logits are <= SOFTCAP: a safe logsumexp shift, so one pass, no max.
+        r = 1 / (1 + jnp.exp(raw.astype(acc) * (2 / SOFTCAP)))
+        lse = SOFTCAP + jnp.log(jnp.sum(jnp.exp(-2 * SOFTCAP * r), axis=-1))
+        picked = softcap(jnp.take_along_axis(raw, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0].astype(acc))
+        losses = jnp.where(t != -1, lse - picked, 0.0)
         if not grads:
             return dw, (losses, None)
         # d loss / d softcapped logit = softmax - onehot, times softcap' and the token's weight
