@@ -182,7 +182,7 @@ def softcap(logits):
 # The two element-wise steps between matmuls keep only their compute-dtype inputs for the backward
 # pass. RoPE runs in the compute dtype, as the reference's (bf16 cos/sin tables under autocast); the
 # norm's statistics are fp32.
-@functools.partial(jax.checkpoint, prevent_cse=False)  # always inside the Block's remat
+@functools.partial(jax.checkpoint, prevent_cse=False)
 def rope_qk_norm(x_BxTxNxH, cos, sin):
     return rms_norm(apply_rope(x_BxTxNxH, cos.astype(x_BxTxNxH.dtype), sin.astype(x_BxTxNxH.dtype)))
 
