@@ -391,6 +391,7 @@ def _chunks(a, chunk, fill):
 def _fused_ce(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype):
     """(sum of weights x cross-entropy of softcap(x @ kernel), per-token losses) over chunks of `chunk`
     positions x all rows, so the (B, T, V) logits never exist; only the first output is differentiable.
+    Weights must be 0 where targets == -1 (and the padded tail of the last chunk gets weight 0).
 
     Differentiated, the forward pass also computes the gradients (the loss is a weighted sum, so its
     cotangent is one scalar that the backward pass only multiplies in): each chunk's logits come from
@@ -422,7 +423,7 @@ def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, g
             return dw, (losses, None)
         # d loss / d softcapped logit = softmax - onehot, times softcap' and the token's weight
         d = jnp.exp(SOFTCAP * (1 - 2 * r) - lse[..., None]) - jax.nn.one_hot(t, V, dtype=acc)
-        d = (d * (4 * r * (1 - r)) * jnp.where(t != -1, wt, 0.0)[..., None]).astype(dtype)
+        d = (d * (4 * r * (1 - r)) * wt[..., None]).astype(dtype)
         dx = lax.dot_general(d, w, (((2,), (1,)), ((), ())), preferred_element_type=x.dtype)
         dw = dw + lax.dot_general(x.astype(dtype), d, (((0, 1), (0, 1)), ((), ())), preferred_element_type=dw.dtype)
         return dw, (losses, dx)
