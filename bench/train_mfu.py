@@ -6,7 +6,8 @@
 
 Each case runs in its own process (so peak memory is that case's alone): it builds the step with
 train.py's own `build_step` (optimiser, shardings, state donated), compiles it ahead of time, runs 3
-warm-up steps, then times --steps steps one by one with `block_until_ready`.
+warm-up steps, then times --steps steps, each from the previous step's end to its own (the next step
+is queued first, as the training loop does; --sync blocks on each step before queueing the next).
 MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16). A table is printed last.
 """
 from __future__ import annotations
@@ -54,12 +55,22 @@ def run_case(case: dict) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    times = []
+    # By default the next step is queued before the host waits for the last one, as train.py's loop does,
+    # and a step is timed from the previous step's end to its own; --sync waits for each step in turn.
+    times, pending, t_prev = [], None, None
     for i in range(3 + case["steps"]):
-        t0 = time.perf_counter()
+        t_dispatch = time.perf_counter()
         params, opt_state, m = compiled(params, opt_state, batches[i % 2])
-        jax.block_until_ready((params, opt_state, m))
-        times.append(time.perf_counter() - t0)
+        if case["sync"]:
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t_dispatch)
+        elif pending is not None:
+            jax.block_until_ready(pending)
+            if t_prev is not None:
+                times.append(time.perf_counter() - t_prev)
+            t_prev = time.perf_counter()
+        pending = m
+    times = times[-case["steps"]:]  # the warm-up steps dropped
     loss = float(m["loss"])
     if case.get("profile"):  # two more steps under the profiler; bench/profile_summary.py reads the trace
         os.makedirs(case["profile"], exist_ok=True)
@@ -69,11 +80,11 @@ def run_case(case: dict) -> dict:
             for i in range(2):
                 params, opt_state, m = compiled(params, opt_state, batches[i % 2])
             jax.block_until_ready((params, opt_state, m))
-    dt = statistics.median(times[3:])
+    dt = statistics.median(times)
     tokens = case["batch"] * case["seq"] * case["accum"]
     flops_tok = model_lib.estimate_flops(model_cfg)
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(case, step_ms=1e3 * dt, spread_ms=1e3 * (max(times[3:]) - min(times[3:])), tok_s=tokens / dt,
+    return dict(case, step_ms=1e3 * dt, spread_ms=1e3 * (max(times) - min(times)), tok_s=tokens / dt,
                 mfu=flops_tok * tokens / dt / train.PEAK_FLOPS["H100"],
                 peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
                 compile_s=compile_s, loss=loss, device=jax.devices()[0].device_kind,
@@ -93,6 +104,7 @@ def main():
     ap.add_argument("--set", default="", help="config overrides for every case, ';'-separated; '|' separates "
                                               "variants: 'model.residual_dtype=compute|model.scan_layers=False'")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sync", action="store_true", help="wait for each step before queueing the next")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile", default=None, help="trace two extra steps of each case into DIR/<case>")
     ap.add_argument("--compile-cache", default=None, help="use DIR/xla_cache as a run does (a second run loads "
@@ -109,7 +121,7 @@ def main():
                                                        args.set.split("|")):
             case = dict(depth=int(depth), batch=int(batch), seq=args.seq, vocab=args.vocab, remat=remat,
                         loss_chunk=int(chunk), attention=args.attention, dtype=args.dtype, accum=args.accum,
-                        steps=args.steps, set=[kv for kv in variant.split(";") if kv],
+                        steps=args.steps, sync=args.sync, set=[kv for kv in variant.split(";") if kv],
                         compile_cache=args.compile_cache)
             if args.profile:
                 case["profile"] = f"{args.profile}/d{depth}_{batch}_{remat}_{chunk}_{len(rows)}"

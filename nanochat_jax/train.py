@@ -196,54 +196,74 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
         log.info("%s: step 0 val bpb %.4f", stage, history["bpb"][0][1])
 
     stop = _StopSignal()
-    loss_ema, t_train, steps_timed, final_samples = None, 0.0, 0, None
+    loss_ema, t_train, steps_timed, final_samples, t_ready = None, 0.0, 0, None, 0.0
     bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc=stage, dynamic_ncols=True,
                disable=not sys.stderr.isatty() or jax.process_index() != 0)
+
+    def finish(step, m, dispatched, due, metrics_file):
+        """Reads one step's metrics back (waiting for it), logs them, and evaluates, samples and saves as `due`
+        says: a step with anything due is finished before the next one is dispatched (the state is donated)."""
+        nonlocal loss_ema, t_train, steps_timed, final_samples, t_ready
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        # the step ran from when the previous one finished, or from its dispatch if that came later
+        dt = time.perf_counter() - max(t_ready, dispatched)
+        t_ready = time.perf_counter()
+        if step > start:  # the first step of a process includes compilation
+            t_train, steps_timed = t_train + dt, steps_timed + 1
+        loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+        tok_s = train_cfg.total_batch_size / dt
+        mfu = flops_per_step / dt / (peak * mesh.size) if peak else float("nan")
+        lrm = optim.lr_multiplier(step, n_iter, train_cfg.warmup_ratio, train_cfg.warmdown_ratio,
+                                  train_cfg.final_lr_frac)
+        record = dict(step=step + 1, loss=loss, loss_ema=loss_ema, lr_mult=float(lrm), grad_norm=grad_norm,
+                      dt=dt, tok_s=tok_s, mfu=mfu)
+        done = step + 1
+        if due["eval"]:
+            record["val_bpb"] = val_bpb(params)
+            history.setdefault("bpb", []).append([done, record["val_bpb"]])
+            log.info("%s: step %d val bpb %.4f", stage, done, record["val_bpb"])
+        if due["sample"]:
+            record["samples"] = greedy_samples(params, model_cfg, tokenizer)
+            final_samples = record["samples"] if done == n_iter else None
+            for s in record["samples"]:
+                log.info("%s sample: %s", stage, s.replace("\n", " "))
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        status = (f"loss {loss_ema:.3f} lr {float(lrm):.2f} gn {grad_norm:.2f} {tok_s:,.0f} tok/s "
+                  + (f"mfu {100 * mfu:.1f}% " if peak else "") + f"{1000 * dt:.0f} ms")  # no peak: no MFU
+        bar.set_postfix_str(status)
+        if bar.disable and done % train_cfg.log_every == 0:  # no terminal: log lines instead of a bar
+            eta = (n_iter - done) * (t_train / steps_timed if steps_timed else dt)  # the bar's ETA
+            log.info("%s step %d/%d: %s eta %s", stage, done, n_iter, status,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        if due["save"]:
+            save(done, params, opt_state)
+        if due["stop"]:
+            ckpt.wait()
+            name = signal.Signals(stop.signum).name
+            print(f"\n{stage}: {name} at step {done}: checkpoint saved in {ckpt.directory}; "
+                  f"rerun the same command to resume", file=sys.stderr)
+            raise SystemExit(128 + stop.signum)
+
     try:
         with open(metrics_path, "a") as metrics_file:
+            pending = None  # the step dispatched before this one: read back once this one is queued, so the
+            # device never waits for the host's logging and the next batch (async dispatch)
             for step in bar:
                 rows = next(data_iter)  # (local_rows, T+1): one step's rows, whatever the device count
                 batch = sharding.global_batch(rows.reshape(accum, local_rows // accum, -1), batch_shard)
-                t0 = time.perf_counter()
+                dispatched = time.perf_counter()
                 params, opt_state, m = step_fn(params, opt_state, batch)
-                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])  # blocks: honest step time
-                dt = time.perf_counter() - t0
-                if step > start:  # the first step of a process includes compilation
-                    t_train, steps_timed = t_train + dt, steps_timed + 1
-                loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
-                tok_s = train_cfg.total_batch_size / dt
-                mfu = flops_per_step / dt / (peak * mesh.size) if peak else float("nan")
-                lrm = optim.lr_multiplier(step, n_iter, train_cfg.warmup_ratio, train_cfg.warmdown_ratio,
-                                          train_cfg.final_lr_frac)
-                record = dict(step=step + 1, loss=loss, loss_ema=loss_ema, lr_mult=float(lrm), grad_norm=grad_norm,
-                              dt=dt, tok_s=tok_s, mfu=mfu)
-                done = step + 1
-                if done % train_cfg.eval_every == 0 or done == n_iter:
-                    record["val_bpb"] = val_bpb(params)
-                    history.setdefault("bpb", []).append([done, record["val_bpb"]])
-                    log.info("%s: step %d val bpb %.4f", stage, done, record["val_bpb"])
-                if done % train_cfg.sample_every == 0 or done == n_iter:
-                    record["samples"] = greedy_samples(params, model_cfg, tokenizer)
-                    final_samples = record["samples"] if done == n_iter else None
-                    for s in record["samples"]:
-                        log.info("%s sample: %s", stage, s.replace("\n", " "))
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                status = (f"loss {loss_ema:.3f} lr {float(lrm):.2f} gn {grad_norm:.2f} {tok_s:,.0f} tok/s "
-                          + (f"mfu {100 * mfu:.1f}% " if peak else "") + f"{1000 * dt:.0f} ms")  # no peak: no MFU
-                bar.set_postfix_str(status)
-                if bar.disable and done % train_cfg.log_every == 0:  # no terminal: log lines instead of a bar
-                    eta = (n_iter - done) * (t_train / steps_timed if steps_timed else dt)  # the bar's ETA
-                    log.info("%s step %d/%d: %s eta %s", stage, done, n_iter, status,
-                             time.strftime("%H:%M:%S", time.gmtime(eta)))
-                if done % train_cfg.save_every == 0 or done == n_iter or stop.signum:
-                    save(done, params, opt_state)
-                if stop.signum:
-                    ckpt.wait()
-                    name = signal.Signals(stop.signum).name
-                    print(f"\n{stage}: {name} at step {done}: checkpoint saved in {ckpt.directory}; "
-                          f"rerun the same command to resume", file=sys.stderr)
-                    raise SystemExit(128 + stop.signum)
+                if pending:
+                    finish(*pending, metrics_file)
+                done, stopping = step + 1, bool(stop.signum)
+                due = dict(eval=done % train_cfg.eval_every == 0 or done == n_iter,
+                           sample=done % train_cfg.sample_every == 0 or done == n_iter,
+                           save=done % train_cfg.save_every == 0 or done == n_iter or stopping, stop=stopping)
+                pending = (step, m, dispatched, due)
+                if any(due.values()):  # evaluation and checkpoints need this step's state: finish it first
+                    finish(*pending, metrics_file)
+                    pending = None
     finally:
         stop.restore()
         ckpt.close()
