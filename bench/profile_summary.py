@@ -58,6 +58,29 @@ def describe_fusions(hlo_path: str) -> dict:
             for name, (kind, comp, shape) in fusions.items()}
 
 
+def idle_gaps(kernels: list, steps: int) -> None:
+    """The GPU's idle time between the first and the last kernel (all streams merged), by gap size, and
+    the largest gaps with the kernels on either side: launch gaps between many small kernels look
+    different from a host round trip."""
+    kernels.sort()
+    gaps, end, prev = [], kernels[0][1], kernels[0][2]
+    for start, stop, name in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        if stop > end:
+            end, prev = stop, name
+    span = (end - kernels[0][0]) / 1e3 / steps
+    idle = sum(g for g, _, _ in gaps) / 1e3 / steps
+    print(f"  span {span:.1f} ms per step, GPU idle {idle:.1f} ms in {len(gaps) / steps:.0f} gaps per step; "
+          f"{len(kernels) / steps:.0f} kernels per step")
+    for lo, hi in ((0, 10), (10, 100), (100, 1e9)):
+        sel = [g for g, _, _ in gaps if lo <= g < hi]
+        print(f"    gaps of {lo}-{hi if hi < 1e9 else 'inf'} us: {len(sel) / steps:6.0f} per step, "
+              f"{sum(sel) / 1e3 / steps:6.2f} ms")
+    for g, before, after in sorted(gaps, reverse=True)[:6]:
+        print(f"    {g / 1e3:7.3f} ms after {before[:50]} before {after[:50]}")
+
+
 def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> None:
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True) +
                   glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
@@ -70,7 +93,7 @@ def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> N
             procs[e["pid"]] = e["args"]["name"]
         if e.get("ph") == "M" and e.get("name") == "thread_name":
             threads[(e["pid"], e["tid"])] = e["args"]["name"]
-    by_name, by_family = collections.Counter(), collections.Counter()
+    by_name, by_family, kernels = collections.Counter(), collections.Counter(), []
     for e in events:
         if e.get("ph") != "X" or "GPU" not in procs.get(e.get("pid"), ""):
             continue
@@ -78,6 +101,7 @@ def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> N
             continue
         by_name[e["name"]] += e["dur"] / 1e3 / steps  # us -> ms per step
         by_family[family(e["name"])] += e["dur"] / 1e3 / steps
+        kernels.append((e["ts"], e["ts"] + e["dur"], e["name"]))
     total = sum(by_family.values())
     if not total:  # an unexpected trace layout: show what is there
         print("no GPU stream events; processes:", sorted(set(procs.values()))[:20])
@@ -86,6 +110,7 @@ def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> N
     print(f"{path}\nGPU kernel time per step: {total:.1f} ms")
     for fam, ms in by_family.most_common():
         print(f"  {fam:<12}{ms:8.1f} ms {100 * ms / total:5.1f}%")
+    idle_gaps(kernels, steps)
     if hlo:
         described = describe_fusions(hlo)
         groups, counts = collections.Counter(), collections.Counter()

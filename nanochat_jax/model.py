@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nanochat_jax import qk_kernel as pallas_qk
 from nanochat_jax.config import ConfigError
 
 ROPE_BASE = 10000.0
@@ -56,6 +57,7 @@ class ModelConfig:
     sequence_len: int
     compute_dtype: str = "float32"  # bfloat16 | float32 (float64 for numerical tests, needs jax x64)
     attention: str = "xla"  # cudnn | xla (training path; the cached path is always xla)
+    qk_kernel: str = "xla"  # pallas | xla: RoPE + QK-norm on the training path (qk_kernel.py)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
     residual_dtype: str = "float32"  # float32 | compute (the reference's bf16 residual stream under autocast)
@@ -71,6 +73,11 @@ class ModelConfig:
         if self.attention == "cudnn" and self.compute_dtype != "bfloat16":
             raise ConfigError("attention='cudnn' needs compute_dtype='bfloat16' (cuDNN flash attention "
                               "has no fp32 kernel); use attention='xla' or 'auto'")
+        if self.qk_kernel not in ("pallas", "xla"):
+            raise ConfigError(f"qk_kernel must be pallas or xla, got {self.qk_kernel!r}")
+        if self.qk_kernel == "pallas" and not pallas_qk.available():
+            raise ConfigError("qk_kernel='pallas' needs Pallas' Triton backend, which this jax lacks; "
+                              "use qk_kernel='xla' or 'auto'")
         if self.remat != "none" and self.remat not in _REMAT_POLICIES:
             raise ConfigError(f"remat must be none or one of {sorted(_REMAT_POLICIES)}, got {self.remat!r}")
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
@@ -103,14 +110,15 @@ class ModelConfig:
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
                    n_kv_head: int = 0, *, aspect_ratio: int = 64, head_dim: int = 128,
-                   compute_dtype: str = "auto", attention: str = "auto", **overrides) -> "ModelConfig":
-        """SPEC §1: every dimension from depth. 'auto' dtype/attention resolve for the running backend."""
+                   compute_dtype: str = "auto", attention: str = "auto", qk_kernel: str = "xla",
+                   **overrides) -> "ModelConfig":
+        """SPEC §1: every dimension from depth. 'auto' dtype/attention/qk_kernel resolve for the running backend."""
         d_model = aspect_ratio * depth
         n_head = max(1, math.ceil(d_model / head_dim))
-        compute_dtype, attention = _resolve_auto(compute_dtype, attention)
+        compute_dtype, attention, qk_kernel = _resolve_auto(compute_dtype, attention, qk_kernel)
         return cls(vocab_size=vocab_size, depth=depth, d_model=d_model, n_head=n_head,
                    n_kv_head=n_kv_head or n_head, head_dim=head_dim, sequence_len=sequence_len,
-                   compute_dtype=compute_dtype, attention=attention, **overrides)
+                   compute_dtype=compute_dtype, attention=attention, qk_kernel=qk_kernel, **overrides)
 
     @classmethod
     def from_config(cls, config) -> "ModelConfig":
@@ -118,8 +126,9 @@ class ModelConfig:
         m = config.model
         return cls.from_depth(m.depth, vocab_size=config.tokenizer.vocab_size, sequence_len=m.sequence_len,
                               n_kv_head=m.n_kv_head, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
-                              compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat,
-                              loss_chunk=m.loss_chunk, residual_dtype=m.residual_dtype, scan_layers=m.scan_layers)
+                              compute_dtype=m.compute_dtype, attention=m.attention, qk_kernel=m.qk_kernel,
+                              remat=m.remat, loss_chunk=m.loss_chunk, residual_dtype=m.residual_dtype,
+                              scan_layers=m.scan_layers)
 
 
 def _gpu_compute_capability() -> float | None:
@@ -132,16 +141,19 @@ def _gpu_compute_capability() -> float | None:
         return None
 
 
-def _resolve_auto(compute_dtype: str, attention: str) -> tuple[str, str]:
+def _resolve_auto(compute_dtype: str, attention: str, qk_kernel: str) -> tuple[str, str, str]:
     """'auto': bf16 on GPUs with compute capability >= 8.0 (fp32 on CPU, T4, V100); cuDNN attention
-    wherever we run on a GPU in bf16 (its flash kernel is bf16/fp16 only), XLA elsewhere."""
-    if "auto" in (compute_dtype, attention):
+    wherever we run on a GPU in bf16 (its flash kernel is bf16/fp16 only), XLA elsewhere; the Pallas
+    RoPE + QK-norm kernels on any NVIDIA GPU (Triton), XLA elsewhere (Pallas would interpret them)."""
+    if "auto" in (compute_dtype, attention, qk_kernel):
         cc = _gpu_compute_capability()
         if compute_dtype == "auto":
             compute_dtype = "bfloat16" if cc is not None and cc >= 8.0 else "float32"
         if attention == "auto":
             attention = "cudnn" if cc is not None and compute_dtype == "bfloat16" else "xla"
-    return compute_dtype, attention
+        if qk_kernel == "auto":
+            qk_kernel = "pallas" if cc is not None and pallas_qk.available() else "xla"
+    return compute_dtype, attention, qk_kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,8 +279,11 @@ class Attention(nn.Module):
             w_qkv = jnp.concatenate([block_kernel(cfg, "c_q", D, H * hd), block_kernel(cfg, "c_k", D, Hkv * hd),
                                      block_kernel(cfg, "c_v", D, Hkv * hd)], axis=1)
         qkv = matmul(h_BxTxD, w_qkv, cfg.dtype, out_in).reshape(B, T, H + 2 * Hkv, hd)
-        qk = rope_qk_norm(qkv[:, :, :H + Hkv], cos, sin)  # QK-norm after RoPE (SPEC §2)
-        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        if cache is None and cfg.qk_kernel == "pallas" and pallas_qk.supported(T, hd):  # one pass each way
+            q, k, v = pallas_qk.rope_qk_norm_split(qkv, cos[0], sin[0], H, Hkv)
+        else:  # (the same function; the kernel's blocks need power-of-two lengths)
+            qk = rope_qk_norm(qkv[:, :, :H + Hkv], cos, sin)  # QK-norm after RoPE (SPEC §2)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         scale = 1.0 / math.sqrt(hd)
         # GQA: jax's attention groups H query heads over Hkv kv heads (== repeating kv heads).
         if cache is None:

@@ -1,0 +1,79 @@
+"""The Pallas RoPE + QK-norm kernels: the same values and gradients as the XLA path, alone and inside the
+whole model. On CPU Pallas interprets the kernels; on the GPU machine the same tests compile them with
+Triton (`JAX_PLATFORMS=cuda python -m pytest -q tests/test_qk_kernel.py tests/test_gpu.py`)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanochat_jax import model as M
+from nanochat_jax import qk_kernel
+from nanochat_jax.config import ConfigError
+
+
+def xla_path(qkv, cos, sin, n_q, n_kv):
+    qk = M.rope_qk_norm(qkv[:, :, :n_q + n_kv], cos, sin)
+    return qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + n_kv:]
+
+
+def kernel_path(qkv, cos, sin, n_q, n_kv):
+    return qk_kernel.rope_qk_norm_split(qkv, cos[0], sin[0], n_q, n_kv)
+
+
+def weighted_sum(fn, weights):
+    """A scalar of all three outputs, so the gradient reaches every output (and v's pass-through)."""
+    return lambda qkv, *a: sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(fn(qkv, *a), weights))
+
+
+# B=2 with T=128: two row blocks a sequence, so the cos/sin block wraps at the second row; GQA and MHA
+@pytest.mark.parametrize("n_q,n_kv", [(4, 2), (2, 2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, None)])
+def test_kernel_matches_xla_values_and_gradients(n_q, n_kv, dtype, tol):
+    B, T, hd = 2, 128, 32
+    qkv = (3 * jax.random.normal(jax.random.key(0), (B, T, n_q + 2 * n_kv, hd))).astype(dtype)
+    cos, sin = M.rope_tables(jnp.arange(T)[None, :], hd, jnp.float32)
+    want, got = xla_path(qkv, cos, sin, n_q, n_kv), kernel_path(qkv, cos, sin, n_q, n_kv)
+    weights = [jax.random.normal(jax.random.key(i + 1), o.shape) for i, o in enumerate(want)]
+    g_want = jax.grad(weighted_sum(xla_path, weights))(qkv, cos, sin, n_q, n_kv)
+    g_got = jax.grad(weighted_sum(kernel_path, weights))(qkv, cos, sin, n_q, n_kv)
+    assert g_got.shape == qkv.shape and g_got.dtype == qkv.dtype
+    for a, b in list(zip(want, got)) + [(g_want, g_got)]:
+        assert a.shape == b.shape and a.dtype == b.dtype
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if tol is None:  # bf16: the kernel rounds once where XLA rounds per op; allow two bf16 ulps
+            np.testing.assert_allclose(b, a, rtol=2 * 2.0 ** -8, atol=2 * 2.0 ** -8 * np.abs(a).max())
+        else:
+            np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(qkv[:, :, n_q + n_kv:]))  # v is a copy
+    assert (np.abs(np.asarray(g_got, np.float32)).sum(axis=(0, 1, 3)) > 0).all(), "every head gets a gradient"
+
+
+def test_model_with_kernel_matches_xla_path():
+    """A whole loss and its gradients: qk_kernel='pallas' (interpreted) == 'xla', GQA, fp32."""
+    cfg = M.ModelConfig.from_depth(2, 256, 64, 2, aspect_ratio=64, head_dim=32, compute_dtype="float32",
+                                   attention="xla", qk_kernel="xla")
+    params = M.init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda a: a if a.any() else 0.02 * jax.random.normal(jax.random.key(1), a.shape), params)
+    rows = jax.random.randint(jax.random.key(2), (2, 65), 0, 256)
+    grads = {}
+    for kernel in ("xla", "pallas"):
+        c = dataclasses.replace(cfg, qk_kernel=kernel)
+        with jax.default_matmul_precision("highest"):  # on a GPU, fp32 GEMMs would otherwise round to TF32
+            grads[kernel] = jax.value_and_grad(lambda p: M.loss_fn(p, c, rows[:, :-1], rows[:, 1:])[0])(params)
+    np.testing.assert_allclose(grads["pallas"][0], grads["xla"][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads["xla"][1]), jax.tree.leaves(grads["pallas"][1])):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_unsupported_lengths_fall_back_and_bad_choice_is_refused():
+    assert qk_kernel.supported(2048, 128) and not qk_kernel.supported(24, 128) and not qk_kernel.supported(64, 48)
+    cfg = M.ModelConfig.from_depth(1, 256, 24, aspect_ratio=64, head_dim=32, compute_dtype="float32",
+                                   attention="xla", qk_kernel="pallas")
+    params = M.init_params(cfg, jax.random.key(0))
+    rows = jax.random.randint(jax.random.key(2), (2, 25), 0, 256)
+    want = M.loss_fn(params, dataclasses.replace(cfg, qk_kernel="xla"), rows[:, :-1], rows[:, 1:])[0]
+    assert M.loss_fn(params, cfg, rows[:, :-1], rows[:, 1:])[0] == want  # T=24: the XLA path runs
+    with pytest.raises(ConfigError, match="qk_kernel"):
+        dataclasses.replace(cfg, qk_kernel="triton")
