@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nanochat_jax import qk_kernel as pallas_qk
+from nanochat_jax import kernels as pallas
 from nanochat_jax.config import ConfigError
 
 ROPE_BASE = 10000.0
@@ -57,7 +57,7 @@ class ModelConfig:
     sequence_len: int
     compute_dtype: str = "float32"  # bfloat16 | float32 (float64 for numerical tests, needs jax x64)
     attention: str = "xla"  # cudnn | xla (training path; the cached path is always xla)
-    qk_kernel: str = "xla"  # pallas | xla: RoPE + QK-norm on the training path (qk_kernel.py)
+    kernels: str = "xla"  # pallas | xla: RoPE + QK-norm and the loss's element-wise work in training (kernels.py)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
     residual_dtype: str = "float32"  # float32 | compute (the reference's bf16 residual stream under autocast)
@@ -73,11 +73,11 @@ class ModelConfig:
         if self.attention == "cudnn" and self.compute_dtype != "bfloat16":
             raise ConfigError("attention='cudnn' needs compute_dtype='bfloat16' (cuDNN flash attention "
                               "has no fp32 kernel); use attention='xla' or 'auto'")
-        if self.qk_kernel not in ("pallas", "xla"):
-            raise ConfigError(f"qk_kernel must be pallas or xla, got {self.qk_kernel!r}")
-        if self.qk_kernel == "pallas" and not pallas_qk.available():
-            raise ConfigError("qk_kernel='pallas' needs Pallas' Triton backend, which this jax lacks; "
-                              "use qk_kernel='xla' or 'auto'")
+        if self.kernels not in ("pallas", "xla"):
+            raise ConfigError(f"kernels must be pallas or xla, got {self.kernels!r}")
+        if self.kernels == "pallas" and not pallas.available():
+            raise ConfigError("kernels='pallas' needs Pallas' Triton backend, which this jax lacks; "
+                              "use kernels='xla' or 'auto'")
         if self.remat != "none" and self.remat not in _REMAT_POLICIES:
             raise ConfigError(f"remat must be none or one of {sorted(_REMAT_POLICIES)}, got {self.remat!r}")
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
@@ -110,15 +110,15 @@ class ModelConfig:
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
                    n_kv_head: int = 0, *, aspect_ratio: int = 64, head_dim: int = 128,
-                   compute_dtype: str = "auto", attention: str = "auto", qk_kernel: str = "xla",
+                   compute_dtype: str = "auto", attention: str = "auto", kernels: str = "xla",
                    **overrides) -> "ModelConfig":
-        """SPEC §1: every dimension from depth. 'auto' dtype/attention/qk_kernel resolve for the running backend."""
+        """SPEC §1: every dimension from depth. 'auto' dtype/attention/kernels resolve for the running backend."""
         d_model = aspect_ratio * depth
         n_head = max(1, math.ceil(d_model / head_dim))
-        compute_dtype, attention, qk_kernel = _resolve_auto(compute_dtype, attention, qk_kernel)
+        compute_dtype, attention, kernels = _resolve_auto(compute_dtype, attention, kernels)
         return cls(vocab_size=vocab_size, depth=depth, d_model=d_model, n_head=n_head,
                    n_kv_head=n_kv_head or n_head, head_dim=head_dim, sequence_len=sequence_len,
-                   compute_dtype=compute_dtype, attention=attention, qk_kernel=qk_kernel, **overrides)
+                   compute_dtype=compute_dtype, attention=attention, kernels=kernels, **overrides)
 
     @classmethod
     def from_config(cls, config) -> "ModelConfig":
@@ -126,7 +126,7 @@ class ModelConfig:
         m = config.model
         return cls.from_depth(m.depth, vocab_size=config.tokenizer.vocab_size, sequence_len=m.sequence_len,
                               n_kv_head=m.n_kv_head, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
-                              compute_dtype=m.compute_dtype, attention=m.attention, qk_kernel=m.qk_kernel,
+                              compute_dtype=m.compute_dtype, attention=m.attention, kernels=m.kernels,
                               remat=m.remat, loss_chunk=m.loss_chunk, residual_dtype=m.residual_dtype,
                               scan_layers=m.scan_layers)
 
@@ -141,19 +141,19 @@ def _gpu_compute_capability() -> float | None:
         return None
 
 
-def _resolve_auto(compute_dtype: str, attention: str, qk_kernel: str) -> tuple[str, str, str]:
+def _resolve_auto(compute_dtype: str, attention: str, kernels: str) -> tuple[str, str, str]:
     """'auto': bf16 on GPUs with compute capability >= 8.0 (fp32 on CPU, T4, V100); cuDNN attention
     wherever we run on a GPU in bf16 (its flash kernel is bf16/fp16 only), XLA elsewhere; the Pallas
-    RoPE + QK-norm kernels on any NVIDIA GPU (Triton), XLA elsewhere (Pallas would interpret them)."""
-    if "auto" in (compute_dtype, attention, qk_kernel):
+    kernels on any NVIDIA GPU (Triton), XLA elsewhere (Pallas would interpret them)."""
+    if "auto" in (compute_dtype, attention, kernels):
         cc = _gpu_compute_capability()
         if compute_dtype == "auto":
             compute_dtype = "bfloat16" if cc is not None and cc >= 8.0 else "float32"
         if attention == "auto":
             attention = "cudnn" if cc is not None and compute_dtype == "bfloat16" else "xla"
-        if qk_kernel == "auto":
-            qk_kernel = "pallas" if cc is not None and pallas_qk.available() else "xla"
-    return compute_dtype, attention, qk_kernel
+        if kernels == "auto":
+            kernels = "pallas" if cc is not None and pallas.available() else "xla"
+    return compute_dtype, attention, kernels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +279,8 @@ class Attention(nn.Module):
             w_qkv = jnp.concatenate([block_kernel(cfg, "c_q", D, H * hd), block_kernel(cfg, "c_k", D, Hkv * hd),
                                      block_kernel(cfg, "c_v", D, Hkv * hd)], axis=1)
         qkv = matmul(h_BxTxD, w_qkv, cfg.dtype, out_in).reshape(B, T, H + 2 * Hkv, hd)
-        if cache is None and cfg.qk_kernel == "pallas" and pallas_qk.supported(T, hd):  # one pass each way
-            q, k, v = pallas_qk.rope_qk_norm_split(qkv, cos[0], sin[0], H, Hkv)
+        if cache is None and cfg.kernels == "pallas" and pallas.rope_supported(T, hd):  # one pass each way
+            q, k, v = pallas.rope_qk_norm_split(qkv, cos[0], sin[0], H, Hkv)
         else:  # (the same function; the kernel's blocks need power-of-two lengths)
             qk = rope_qk_norm(qkv[:, :, :H + Hkv], cos, sin)  # QK-norm after RoPE (SPEC §2)
             q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
@@ -402,8 +402,23 @@ def _chunks(a, chunk, fill):
     return jnp.pad(a, pad, constant_values=fill).reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_ce(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype):
+def _softcap_lse_and_grad(raw, t, wt, acc, dtype, grads):
+    """logsumexp of softcap(raw) over the last axis and d(sum of wt x cross-entropy)/d(raw) (None without
+    grads). softcap(raw) = SOFTCAP (1 - 2r) and softcap'(raw) = 4 r (1 - r) with r = 1 / (1 + e^(2 raw /
+    SOFTCAP)): one exponential and one division per logit, where tanh and its derivative cost several
+    (these passes over the 65,536-way logits are bound by the transcendentals, not by memory); e^.. = inf
+    gives r = 0. The softcapped logits are <= SOFTCAP: a safe logsumexp shift, so one pass, no max."""
+    r = 1 / (1 + jnp.exp(raw.astype(acc) * (2 / SOFTCAP)))
+    lse = SOFTCAP + jnp.log(jnp.sum(jnp.exp(-2 * SOFTCAP * r), axis=-1))
+    if not grads:
+        return lse, None
+    # d loss / d softcapped logit = softmax - onehot, times softcap' and the token's weight
+    d = jnp.exp(SOFTCAP * (1 - 2 * r) - lse[..., None]) - jax.nn.one_hot(t, raw.shape[-1], dtype=acc)
+    return lse, (d * (4 * r * (1 - r)) * wt[..., None]).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_ce(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, use_pallas=False):
     """(sum of weights x cross-entropy of softcap(x @ kernel), per-token losses) over chunks of `chunk`
     positions x all rows, so the (B, T, V) logits never exist; only the first output is differentiable.
     Weights must be 0 where targets == -1 (and the padded tail of the last chunk gets weight 0).
@@ -412,12 +427,13 @@ def _fused_ce(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype):
     cotangent is one scalar that the backward pass only multiplies in): each chunk's logits come from
     one GEMM and are read twice (logsumexp, then d(logits)), and the LM-head GEMM is not recomputed
     in the backward pass (a d20 step saved ~15 ms on an H100). XLA's own differentiation of softcap +
-    logsumexp made ~8 fp32 passes over the logits."""
-    (total, losses), _ = _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, grads=False)
+    logsumexp made ~8 fp32 passes over the logits. use_pallas: those two reads as one Pallas kernel."""
+    (total, losses), _ = _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, use_pallas,
+                                       grads=False)
     return total, losses
 
 
-def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, grads=True):
+def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, use_pallas=False, grads=True):
     B, T, D = x_BxTxD.shape
     w = kernel_DxV.astype(dtype)
     V = w.shape[1]
@@ -426,19 +442,15 @@ def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, g
     def one(dw, xtw):
         x, t, wt = xtw
         raw = matmul(x, w, dtype)  # the GEMM's compute-dtype output is all that is stored
-        # softcap(raw) = SOFTCAP (1 - 2r) and softcap'(raw) = 4 r (1 - r) with r = 1 / (1 + e^(2 raw / SOFTCAP)):
-        # one exponential and one division per logit, where tanh and its derivative cost several (these
-        # passes over the 65,536-way logits are bound by the transcendentals, not by memory); e^.. = inf
-        # gives r = 0. The softcapped logits are <= SOFTCAP: a safe logsumexp shift, so one pass, no max.
-        r = 1 / (1 + jnp.exp(raw.astype(acc) * (2 / SOFTCAP)))
-        lse = SOFTCAP + jnp.log(jnp.sum(jnp.exp(-2 * SOFTCAP * r), axis=-1))
         picked = softcap(jnp.take_along_axis(raw, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0].astype(acc))
+        if use_pallas and pallas.ce_supported(t.size, V):
+            lse, d = pallas.logsumexp_and_grad(raw.reshape(-1, V), t.reshape(-1), wt.reshape(-1), SOFTCAP, grads)
+            lse, d = lse.reshape(t.shape), d if d is None else d.reshape(raw.shape)
+        else:
+            lse, d = _softcap_lse_and_grad(raw, t, wt, acc, dtype, grads)
         losses = jnp.where(t != -1, lse - picked, 0.0)
         if not grads:
             return dw, (losses, None)
-        # d loss / d softcapped logit = softmax - onehot, times softcap' and the token's weight
-        d = jnp.exp(SOFTCAP * (1 - 2 * r) - lse[..., None]) - jax.nn.one_hot(t, V, dtype=acc)
-        d = (d * (4 * r * (1 - r)) * wt[..., None]).astype(dtype)
         dx = lax.dot_general(d, w, (((2,), (1,)), ((), ())), preferred_element_type=x.dtype)
         dw = dw + lax.dot_general(x.astype(dtype), d, (((0, 1), (0, 1)), ((), ())), preferred_element_type=dw.dtype)
         return dw, (losses, dx)
@@ -453,7 +465,7 @@ def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, g
     return (total, losses), (dx.swapaxes(0, 1).reshape(B, -1, D)[:, :T], dw)
 
 
-def _fused_ce_bwd(chunk, dtype, res, cotangents):
+def _fused_ce_bwd(chunk, dtype, use_pallas, res, cotangents):
     g, _ = cotangents  # per-token losses are not differentiable (loss_fn stops their gradient)
     dx, dw = res
     return (g * dx).astype(dx.dtype), g * dw, None, None
@@ -471,7 +483,7 @@ def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT):
     if cfg.loss_chunk > 0:
         weights = jnp.where(targets_BxT != -1, 1.0 / count, 0.0)
         loss, losses = _fused_ce(x, params["lm_head"]["kernel"], targets_BxT, weights,
-                                 min(cfg.loss_chunk, x.shape[1]), cfg.dtype)
+                                 min(cfg.loss_chunk, x.shape[1]), cfg.dtype, cfg.kernels == "pallas")
         return loss, lax.stop_gradient(losses)
     losses = _token_losses(model.apply({"params": params}, x, method=GPT.head), targets_BxT)
     return jnp.sum(losses) / count, losses

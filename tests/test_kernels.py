@@ -1,6 +1,6 @@
-"""The Pallas RoPE + QK-norm kernels: the same values and gradients as the XLA path, alone and inside the
-whole model. On CPU Pallas interprets the kernels; on the GPU machine the same tests compile them with
-Triton (`JAX_PLATFORMS=cuda python -m pytest -q tests/test_qk_kernel.py tests/test_gpu.py`)."""
+"""The Pallas kernels (RoPE + QK-norm, the loss's element-wise work): the same values and gradients as
+the XLA path, alone and inside the whole model. On CPU Pallas interprets the kernels; on the GPU machine
+the same tests compile them with Triton (`JAX_PLATFORMS=cuda python -m pytest -q tests/test_kernels.py`)."""
 import dataclasses
 
 import jax
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nanochat_jax import model as M
-from nanochat_jax import qk_kernel
+from nanochat_jax import kernels
 from nanochat_jax.config import ConfigError
 
 
@@ -19,7 +19,7 @@ def xla_path(qkv, cos, sin, n_q, n_kv):
 
 
 def kernel_path(qkv, cos, sin, n_q, n_kv):
-    return qk_kernel.rope_qk_norm_split(qkv, cos[0], sin[0], n_q, n_kv)
+    return kernels.rope_qk_norm_split(qkv, cos[0], sin[0], n_q, n_kv)
 
 
 def weighted_sum(fn, weights):
@@ -51,15 +51,16 @@ def test_kernel_matches_xla_values_and_gradients(n_q, n_kv, dtype, tol):
 
 
 def test_model_with_kernel_matches_xla_path():
-    """A whole loss and its gradients: qk_kernel='pallas' (interpreted) == 'xla', GQA, fp32."""
+    """A whole loss (chunked, the last chunk padded) and its gradients: kernels='pallas' (interpreted) ==
+    'xla', GQA, fp32."""
     cfg = M.ModelConfig.from_depth(2, 256, 64, 2, aspect_ratio=64, head_dim=32, compute_dtype="float32",
-                                   attention="xla", qk_kernel="xla")
+                                   attention="xla", kernels="xla", loss_chunk=24)
     params = M.init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda a: a if a.any() else 0.02 * jax.random.normal(jax.random.key(1), a.shape), params)
     rows = jax.random.randint(jax.random.key(2), (2, 65), 0, 256)
     grads = {}
     for kernel in ("xla", "pallas"):
-        c = dataclasses.replace(cfg, qk_kernel=kernel)
+        c = dataclasses.replace(cfg, kernels=kernel)
         with jax.default_matmul_precision("highest"):  # on a GPU, fp32 GEMMs would otherwise round to TF32
             grads[kernel] = jax.value_and_grad(lambda p: M.loss_fn(p, c, rows[:, :-1], rows[:, 1:])[0])(params)
     np.testing.assert_allclose(grads["pallas"][0], grads["xla"][0], rtol=1e-6)
@@ -68,12 +69,32 @@ def test_model_with_kernel_matches_xla_path():
 
 
 def test_unsupported_lengths_fall_back_and_bad_choice_is_refused():
-    assert qk_kernel.supported(2048, 128) and not qk_kernel.supported(24, 128) and not qk_kernel.supported(64, 48)
+    assert kernels.rope_supported(2048, 128) and not kernels.rope_supported(24, 128)
+    assert not kernels.rope_supported(64, 48) and not kernels.ce_supported(8, 256) and not kernels.ce_supported(16, 1000)
     cfg = M.ModelConfig.from_depth(1, 256, 24, aspect_ratio=64, head_dim=32, compute_dtype="float32",
-                                   attention="xla", qk_kernel="pallas")
+                                   attention="xla", kernels="pallas", loss_chunk=6)
     params = M.init_params(cfg, jax.random.key(0))
     rows = jax.random.randint(jax.random.key(2), (2, 25), 0, 256)
-    want = M.loss_fn(params, dataclasses.replace(cfg, qk_kernel="xla"), rows[:, :-1], rows[:, 1:])[0]
-    assert M.loss_fn(params, cfg, rows[:, :-1], rows[:, 1:])[0] == want  # T=24: the XLA path runs
-    with pytest.raises(ConfigError, match="qk_kernel"):
-        dataclasses.replace(cfg, qk_kernel="triton")
+    want = M.loss_fn(params, dataclasses.replace(cfg, kernels="xla"), rows[:, :-1], rows[:, 1:])[0]
+    assert M.loss_fn(params, cfg, rows[:, :-1], rows[:, 1:])[0] == want  # T=24, 2 x 6 loss rows: XLA runs
+    with pytest.raises(ConfigError, match="kernels"):
+        dataclasses.replace(cfg, kernels="triton")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_kernel_matches_xla(dtype):
+    """logsumexp and d(loss)/d(raw logits) over 2 x 16 rows of a 2,048-way vocabulary (two column tiles),
+    with large raw logits (the softcap saturates) and an ignored target (weight 0: its row of d is 0)."""
+    N, V = 32, 2048
+    raw = (20 * jax.random.normal(jax.random.key(0), (N, V))).astype(dtype)
+    targets = jax.random.randint(jax.random.key(1), (N,), 0, V).at[5].set(-1)
+    weights = jnp.where(targets != -1, jax.random.uniform(jax.random.key(2), (N,)), 0.0)
+    want = M._softcap_lse_and_grad(raw, targets, weights, jnp.float32, dtype, True)
+    got = kernels.logsumexp_and_grad(raw, targets, weights, M.SOFTCAP, True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert got[1].dtype == dtype and got[1].shape == (N, V)
+    d_got, d_want = np.asarray(got[1], np.float32), np.asarray(want[1], np.float32)
+    np.testing.assert_allclose(d_got, d_want, rtol=1e-5 if dtype == jnp.float32 else 2 ** -7, atol=1e-9)
+    assert not d_got[5].any() and d_got.any()
+    lse_only, none = kernels.logsumexp_and_grad(raw, targets, weights, M.SOFTCAP, False)
+    assert none is None and np.array_equal(lse_only, got[0])

@@ -1,0 +1,231 @@
+"""Pallas (Triton) kernels for the training step's memory-bound work, where XLA's fusions need more
+passes than the data requires. Off GPU, Pallas interprets them (tests). jax 0.11 deprecates Pallas'
+Triton backend (in favour of Mosaic GPU): where it is gone, `available()` is False and 'auto' picks XLA.
+
+RoPE + QK-norm (SPEC §2), one pass each way. XLA runs this step between the qkv GEMM and cuDNN attention
+as five passes a layer: the norm statistics, the q/k outputs, a copy of v, their re-run for the
+backward, and the backward into d(qkv). Here the forward reads the GEMM's (B, T, H + 2 Hkv, hd) output
+once and writes q and k (rotated, then RMS-normalised), v and each head's inverse RMS; the backward reads
+dq, dk, dv and the normalised q and k (which attention keeps for its own backward anyway) and writes
+d(qkv) in the GEMM's layout. Same math as model.rope_qk_norm: RoPE's output is rounded to the compute
+dtype before the fp32 norm.
+
+Cross-entropy (model._fused_ce): over one chunk's raw logits (rows, V), the logsumexp of the softcapped
+logits, then d(loss)/d(raw logits), in one kernel. XLA's two passes for this (8.7 + 8.5 ms of a d20 step
+on an H100) are bound by its IEEE-exact exponential and division, not by memory; PTX's approximate ex2
+and rcp are within 2 fp32 ulp, far below the bf16 rounding of d(logits) (11.3 ms). Same formulas as
+model._fused_ce: with r = 1 / (1 + e^(2z/c)), c tanh(z/c) = c (1 - 2r) and its derivative is 4 r (1 - r).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # a jax without Pallas' Triton backend
+    plgpu = None
+
+
+def available() -> bool:
+    return plgpu is not None
+
+
+def _pallas_call(kernel, grid, in_specs, out_specs, out_shape, num_warps=4, num_stages=1):
+    interpret = jax.default_backend() != "gpu"
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=interpret, compiler_params=None if interpret else
+                          plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE + QK-norm
+
+BLOCK_ROWS = 64  # token positions per program; each program handles one head of them
+
+
+def rope_supported(seq_len: int, head_dim: int) -> bool:
+    """Triton blocks are powers of two; a block of rows must not straddle two sequences (cos/sin rows)."""
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0
+    return pow2(head_dim) and head_dim >= 32 and pow2(seq_len) and seq_len >= 16
+
+
+def _head_specs(rows, n_heads, hd, head_of):
+    """Block (rows, hd) of head head_of(j) of a (R, n_heads, hd) array, clamped into range (programs for
+    other heads map to a block they do not touch)."""
+    return pl.BlockSpec((rows, pl.squeezed, hd), lambda i, j: (i, jnp.clip(head_of(j), 0, n_heads - 1), 0))
+
+
+def _rotate(a1, a2, c, s):
+    """RoPE's rotation of the halves (a1, a2); _rotate(.., -s) is its transpose."""
+    return a1 * c + a2 * s, a2 * c - a1 * s
+
+
+def _fwd_kernel(x_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, rs_ref, *, n_q, n_kv, eps):
+    j, h = pl.program_id(1), cos_ref.shape[-1]
+    f32 = jnp.float32
+
+    @pl.when(j < n_q + n_kv)
+    def _():
+        c, s = cos_ref[...].astype(f32), sin_ref[...].astype(f32)
+        y1, y2 = _rotate(x_ref[:, :h].astype(f32), x_ref[:, h:].astype(f32), c, s)
+        y1, y2 = y1.astype(x_ref.dtype).astype(f32), y2.astype(x_ref.dtype).astype(f32)  # RoPE's output dtype
+        r = lax.rsqrt((jnp.sum(y1 * y1, axis=1) + jnp.sum(y2 * y2, axis=1)) / (2 * h) + eps)
+        rs_ref[...] = r
+        for out_ref, mine in ((q_ref, j < n_q), (k_ref, j >= n_q)):
+            @pl.when(mine)
+            def _():
+                out_ref[:, :h] = (y1 * r[:, None]).astype(out_ref.dtype)
+                out_ref[:, h:] = (y2 * r[:, None]).astype(out_ref.dtype)
+
+    @pl.when(j >= n_q + n_kv)
+    def _():
+        v_ref[...] = x_ref[...]
+
+
+def _bwd_kernel(dq_ref, dk_ref, dv_ref, q_ref, k_ref, rs_ref, cos_ref, sin_ref, dx_ref, *, n_q, n_kv):
+    j, h = pl.program_id(1), cos_ref.shape[-1]
+    f32 = jnp.float32
+    for g_ref, n_ref, mine in ((dq_ref, q_ref, j < n_q), (dk_ref, k_ref, (j >= n_q) & (j < n_q + n_kv))):
+        @pl.when(mine)
+        def _():
+            g1, g2 = g_ref[:, :h].astype(f32), g_ref[:, h:].astype(f32)
+            n1, n2 = n_ref[:, :h].astype(f32), n_ref[:, h:].astype(f32)
+            r = rs_ref[...]
+            # n = y r with r = (mean(y^2) + eps)^-1/2  =>  dy = r (g - n mean(g n))
+            gn = (jnp.sum(g1 * n1, axis=1) + jnp.sum(g2 * n2, axis=1)) / (2 * h)
+            dy1, dy2 = r[:, None] * (g1 - n1 * gn[:, None]), r[:, None] * (g2 - n2 * gn[:, None])
+            dx1, dx2 = _rotate(dy1, dy2, cos_ref[...].astype(f32), -sin_ref[...].astype(f32))
+            dx_ref[:, :h] = dx1.astype(dx_ref.dtype)
+            dx_ref[:, h:] = dx2.astype(dx_ref.dtype)
+
+    @pl.when(j >= n_q + n_kv)
+    def _():
+        dx_ref[...] = dv_ref[...]
+
+
+def _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
+    R, N, hd = qkv_RxNxd.shape
+    rows = min(BLOCK_ROWS, cos_Txh.shape[0])
+    per_seq = cos_Txh.shape[0] // rows
+    table = pl.BlockSpec((rows, hd // 2), lambda i, j: (i % per_seq, 0))
+    kernel = functools.partial(_fwd_kernel, n_q=n_q, n_kv=n_kv, eps=float(jnp.finfo(qkv_RxNxd.dtype).eps))
+    dt = qkv_RxNxd.dtype
+    return _pallas_call(
+        kernel, (R // rows, N),
+        [pl.BlockSpec((rows, pl.squeezed, hd), lambda i, j: (i, j, 0)), table, table],
+        [_head_specs(rows, n_q, hd, lambda j: j), _head_specs(rows, n_kv, hd, lambda j: j - n_q),
+         _head_specs(rows, n_kv, hd, lambda j: j - n_q - n_kv),
+         pl.BlockSpec((pl.squeezed, rows), lambda i, j: (jnp.minimum(j, n_q + n_kv - 1), i))],
+        [jax.ShapeDtypeStruct((R, n_q, hd), dt), jax.ShapeDtypeStruct((R, n_kv, hd), dt),
+         jax.ShapeDtypeStruct((R, n_kv, hd), dt), jax.ShapeDtypeStruct((n_q + n_kv, R), jnp.float32)]
+    )(qkv_RxNxd, cos_Txh, sin_Txh)
+
+
+def _backward(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh):
+    R, n_q, hd = q.shape
+    n_kv = k.shape[1]
+    rows = min(BLOCK_ROWS, cos_Txh.shape[0])
+    per_seq = cos_Txh.shape[0] // rows
+    table = pl.BlockSpec((rows, hd // 2), lambda i, j: (i % per_seq, 0))
+    qs, ks = _head_specs(rows, n_q, hd, lambda j: j), _head_specs(rows, n_kv, hd, lambda j: j - n_q)
+    return _pallas_call(
+        functools.partial(_bwd_kernel, n_q=n_q, n_kv=n_kv), (R // rows, n_q + 2 * n_kv),
+        [qs, ks, _head_specs(rows, n_kv, hd, lambda j: j - n_q - n_kv), qs, ks,
+         pl.BlockSpec((pl.squeezed, rows), lambda i, j: (jnp.minimum(j, n_q + n_kv - 1), i)), table, table],
+        pl.BlockSpec((rows, pl.squeezed, hd), lambda i, j: (i, j, 0)),
+        jax.ShapeDtypeStruct((R, n_q + 2 * n_kv, hd), q.dtype))(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _rope_qk_norm(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
+    return _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv)[:3]
+
+
+def _rope_qk_norm_fwd(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
+    q, k, v, rs = _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv)
+    return (q, k, v), (q, k, rs, cos_Txh, sin_Txh)
+
+
+def _rope_qk_norm_bwd(n_q, n_kv, res, cotangents):
+    q, k, rs, cos_Txh, sin_Txh = res
+    dqkv = _backward(*cotangents, q, k, rs, cos_Txh, sin_Txh)
+    return dqkv, jnp.zeros_like(cos_Txh), jnp.zeros_like(sin_Txh)
+
+
+_rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)
+
+
+def rope_qk_norm_split(qkv_BxTxNxd, cos_Txh, sin_Txh, n_q: int, n_kv: int):
+    """(q, k, v) from the qkv GEMM's output, as model.rope_qk_norm + slicing computes them: q and k
+    rotated then RMS-normalised, v as is. Every row has positions 0..T-1 (training); cos/sin (T, hd/2)."""
+    B, T, N, hd = qkv_BxTxNxd.shape
+    dt = qkv_BxTxNxd.dtype
+    q, k, v = _rope_qk_norm(qkv_BxTxNxd.reshape(B * T, N, hd), cos_Txh.astype(dt), sin_Txh.astype(dt), n_q, n_kv)
+    return q.reshape(B, T, n_q, hd), k.reshape(B, T, n_kv, hd), v.reshape(B, T, n_kv, hd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-entropy
+
+CE_ROWS, CE_COLS = 16, 1024  # rows per program; vocabulary columns per loop step
+LOG2E = 1.4426950408889634
+
+
+def _approx(op, x):
+    """PTX's approximate ex2 / rcp (within 2 fp32 ulp; Pallas' own exp and division are the IEEE-exact
+    libdevice ones, which made this kernel compute-bound); the exact operations when interpreted."""
+    if jax.default_backend() != "gpu":
+        return jnp.exp2(x) if op == "ex2" else 1 / x
+    [y] = plgpu.elementwise_inline_asm(f"{op}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return y
+
+
+def ce_supported(n_rows: int, vocab: int) -> bool:
+    cols = min(CE_COLS, vocab)
+    return n_rows % CE_ROWS == 0 and vocab % cols == 0 and cols & (cols - 1) == 0 and cols >= 16
+
+
+def _ce_kernel(raw_ref, t_ref, wt_ref, lse_ref, *d_ref, softcap):
+    R, V = raw_ref.shape
+    C = min(CE_COLS, V)
+    f32 = jnp.float32
+
+    def r_at(k):  # the tile of r for vocabulary columns [k C, (k + 1) C)
+        z = raw_ref[:, pl.ds(k * C, C)].astype(f32)
+        return _approx("rcp", 1 + _approx("ex2", z * (2 * LOG2E / softcap)))
+
+    # summed tile-wise, reduced across the tile once at the end
+    total = lax.fori_loop(0, V // C, lambda k, acc: acc + _approx("ex2", (-2 * softcap * LOG2E) * r_at(k)),
+                          jnp.zeros((R, C), f32))
+    lse = softcap + jnp.log(jnp.sum(total, axis=1))
+    lse_ref[...] = lse
+    if not d_ref:
+        return
+    t, wt = t_ref[...], wt_ref[...].astype(f32)
+
+    def grad_tile(k, carry):  # (softmax - onehot) x softcap' x the row's weight
+        r = r_at(k)
+        onehot = (k * C + lax.broadcasted_iota(jnp.int32, (R, C), 1)) == t[:, None]
+        d = _approx("ex2", (softcap * (1 - 2 * r) - lse[:, None]) * LOG2E) - jnp.where(onehot, 1.0, 0.0)
+        d_ref[0][:, pl.ds(k * C, C)] = (d * (4 * r * (1 - r)) * wt[:, None]).astype(d_ref[0].dtype)
+        return carry
+
+    lax.fori_loop(0, V // C, grad_tile, 0)
+
+
+def logsumexp_and_grad(raw_NxV, targets_N, weights_N, softcap: float, grads: bool):
+    """(lse (N,) fp32 of softcap * tanh(raw / softcap), and d(sum of weights x cross-entropy)/d(raw) (N, V)
+    in raw's dtype, or None without grads). Targets of -1 must have weight 0 (their one-hot is empty)."""
+    N, V = raw_NxV.shape
+    row = pl.BlockSpec((CE_ROWS,), lambda i: (i,))
+    full = pl.BlockSpec((CE_ROWS, V), lambda i: (i, 0))
+    out_shape = [jax.ShapeDtypeStruct((N,), jnp.float32)] + [jax.ShapeDtypeStruct((N, V), raw_NxV.dtype)] * grads
+    out = _pallas_call(functools.partial(_ce_kernel, softcap=softcap), (N // CE_ROWS,), [full, row, row],
+                       [row] + [full] * grads, out_shape, num_warps=8, num_stages=3)(raw_NxV, targets_N, weights_N)
+    return out[0], (out[1] if grads else None)
