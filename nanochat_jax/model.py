@@ -110,7 +110,7 @@ class ModelConfig:
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int = 65536, sequence_len: int = 2048,
                    n_kv_head: int = 0, *, aspect_ratio: int = 64, head_dim: int = 128,
-                   compute_dtype: str = "auto", attention: str = "auto", kernels: str = "xla",
+                   compute_dtype: str = "auto", attention: str = "auto", kernels: str = "auto",
                    **overrides) -> "ModelConfig":
         """SPEC §1: every dimension from depth. 'auto' dtype/attention/kernels resolve for the running backend."""
         d_model = aspect_ratio * depth
