@@ -108,11 +108,17 @@ def _bwd_kernel(dq_ref, dk_ref, dv_ref, q_ref, k_ref, rs_ref, cos_ref, sin_ref, 
         dx_ref[...] = dv_ref[...]
 
 
+def _rows_and_table(cos_Txh):
+    """Token positions per program, and the cos/sin block of a program's rows (row i of the flattened
+    (B T) rows is position i mod T)."""
+    T, h = cos_Txh.shape
+    rows = min(BLOCK_ROWS, T)
+    return rows, pl.BlockSpec((rows, h), lambda i, j: (i % (T // rows), 0))
+
+
 def _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
     R, N, hd = qkv_RxNxd.shape
-    rows = min(BLOCK_ROWS, cos_Txh.shape[0])
-    per_seq = cos_Txh.shape[0] // rows
-    table = pl.BlockSpec((rows, hd // 2), lambda i, j: (i % per_seq, 0))
+    rows, table = _rows_and_table(cos_Txh)
     kernel = functools.partial(_fwd_kernel, n_q=n_q, n_kv=n_kv, eps=float(jnp.finfo(qkv_RxNxd.dtype).eps))
     dt = qkv_RxNxd.dtype
     return _pallas_call(
@@ -129,9 +135,7 @@ def _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
 def _backward(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh):
     R, n_q, hd = q.shape
     n_kv = k.shape[1]
-    rows = min(BLOCK_ROWS, cos_Txh.shape[0])
-    per_seq = cos_Txh.shape[0] // rows
-    table = pl.BlockSpec((rows, hd // 2), lambda i, j: (i % per_seq, 0))
+    rows, table = _rows_and_table(cos_Txh)
     qs, ks = _head_specs(rows, n_q, hd, lambda j: j), _head_specs(rows, n_kv, hd, lambda j: j - n_q)
     return _pallas_call(
         functools.partial(_bwd_kernel, n_q=n_q, n_kv=n_kv), (R // rows, n_q + 2 * n_kv),
