@@ -32,10 +32,13 @@ def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
         x = jnp.swapaxes(x, -1, -2)
     x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)  # spectral norm <= 1
     a, b, c = NS_COEFFS
-    for _ in range(ns_steps):
+    eye = jnp.eye(x.shape[-2], dtype=dtype)
+    for _ in range(ns_steps):  # x <- a x + (b A + c A^2) x, A = x x^T
         A = x @ jnp.swapaxes(x, -1, -2)
-        B = b * A + c * A @ A
-        x = a * x + B @ x
+        # The polynomial as one small (m, m) matrix: the adds and scalings ride in the GEMMs (XLA fuses
+        # them into the operands and outputs) instead of being extra passes over the (m, n) matrix
+        P = a * eye + A @ (b * eye + c * A)
+        x = P @ x
     return x if wide else jnp.swapaxes(x, -1, -2)
 
 

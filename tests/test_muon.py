@@ -7,7 +7,7 @@ import optax.contrib
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nanochat_jax.muon import muon, orthogonalize
+from nanochat_jax.muon import NS_COEFFS, muon, orthogonalize
 
 
 # ---- a float64 NumPy transcription of SPEC §4, in the reference's (out, in) weight layout ----
@@ -111,19 +111,34 @@ def test_sharded_along_layers_runs_without_collectives():
     got, new_state = step({"w": g_sh}, state_sh)
     assert got["w"].sharding.is_equivalent_to(by_layer, 3)
     assert new_state.momentum["w"].sharding.is_equivalent_to(by_layer, 3)
-    np.testing.assert_allclose(got["w"], expect["w"], rtol=0, atol=1e-6)
+    # (the CPU compiler fuses the bf16 polynomial into the GEMMs differently when sharded: one bf16
+    # rounding apart: measured 0.16% relative)
+    assert rel_err(got["w"], np.asarray(expect["w"], np.float64)) < 0.01
 
 
 def test_orthogonalization_matches_optax_contrib():
     # optax's scale_by_muon with beta=0 and no Nesterov is its bare Newton-Schulz (same quintic
-    # coefficients, Frobenius pre-scaling, transpose of tall matrices); fed bf16 it iterates in bf16.
+    # coefficients, Frobenius pre-scaling, transpose of tall matrices); fed bf16 it iterates in bf16,
+    # as the reference does: x <- a x + B x with B = b A + c A^2. Ours multiplies by (a I + B) instead
+    # (one GEMM, no pass over x for the add), which rounds differently: measured 3-4% apart, each
+    # within 3-6% of float64, ours the closer on every shape.
     rng = np.random.default_rng(4)
     ns = optax.contrib.scale_by_muon(beta=0.0, nesterov=False, eps=1e-7,
                                      weight_dimension_numbers={"w": optax.contrib.MuonDimensionNumbers()})
-    for shape in [(32, 48), (48, 32)]:
+    for shape in [(32, 48), (48, 32), (128, 512)]:
         g = {"w": jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)}
         theirs, _ = ns.update(g, ns.init(g))
-        np.testing.assert_array_equal(orthogonalize(g["w"]), theirs["w"])  # measured: bit-identical
+        ours = orthogonalize(g["w"])
+        wide = shape[0] <= shape[1]
+        x = np.asarray(g["w"], np.float64) if wide else np.asarray(g["w"], np.float64).T
+        x = x / (np.linalg.norm(x) + 1e-7)
+        a, b, c = NS_COEFFS
+        for _ in range(5):
+            A = x @ x.T
+            x = a * x + (b * A + c * A @ A) @ x
+        exact = x if wide else x.T
+        assert rel_err(ours, np.asarray(theirs["w"], np.float64)) < 0.05, shape
+        assert rel_err(ours, exact) <= rel_err(theirs["w"], exact), shape
 
 
 @pytest.mark.parametrize("nesterov,steps", [(False, 3), (True, 1)])
