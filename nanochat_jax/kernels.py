@@ -19,11 +19,15 @@ model._fused_ce: with r = 1 / (1 + e^(2z/c)), c tanh(z/c) = c (1 - 2r) and its d
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from nanochat_jax.sharding import BATCH_AXES
 
 try:
     from jax.experimental.pallas import triton as plgpu
@@ -33,6 +37,29 @@ except ImportError:  # a jax without Pallas' Triton backend
 
 def available() -> bool:
     return plgpu is not None
+
+
+def _row_axes() -> tuple:
+    """The ambient mesh's batch axes that split rows over devices (sharding.traced_on sets the mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def _row_shards() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in _row_axes())
+
+
+def _per_device(fn, args, in_dims, out_dims):
+    """fn(*args) on each device's rows: dimension in_dims[i] of args[i] (None: the whole array) and
+    out_dims[j] of output j are split over the mesh's batch axes. A kernel is one custom call that XLA's
+    partitioner cannot split: it would all-gather the batch and run it whole on every device."""
+    axes = _row_axes()
+    if not axes:
+        return fn(*args)
+    spec = lambda d: P() if d is None else P(*[None] * d, axes)
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(map(spec, in_dims)),
+                         out_specs=jax.tree.map(spec, out_dims), check_vma=False)(*args)
 
 
 def _pallas_call(kernel, grid, in_specs, out_specs, out_shape, num_warps=4, num_stages=1):
@@ -121,28 +148,31 @@ def _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
     rows, table = _rows_and_table(cos_Txh)
     kernel = functools.partial(_fwd_kernel, n_q=n_q, n_kv=n_kv, eps=float(jnp.finfo(qkv_RxNxd.dtype).eps))
     dt = qkv_RxNxd.dtype
-    return _pallas_call(
+    R //= _row_shards()  # each device's rows
+    call = _pallas_call(
         kernel, (R // rows, N),
         [pl.BlockSpec((rows, pl.squeezed, hd), lambda i, j: (i, j, 0)), table, table],
         [_head_specs(rows, n_q, hd, lambda j: j), _head_specs(rows, n_kv, hd, lambda j: j - n_q),
          _head_specs(rows, n_kv, hd, lambda j: j - n_q - n_kv),
          pl.BlockSpec((pl.squeezed, rows), lambda i, j: (jnp.minimum(j, n_q + n_kv - 1), i))],
         [jax.ShapeDtypeStruct((R, n_q, hd), dt), jax.ShapeDtypeStruct((R, n_kv, hd), dt),
-         jax.ShapeDtypeStruct((R, n_kv, hd), dt), jax.ShapeDtypeStruct((n_q + n_kv, R), jnp.float32)]
-    )(qkv_RxNxd, cos_Txh, sin_Txh)
+         jax.ShapeDtypeStruct((R, n_kv, hd), dt), jax.ShapeDtypeStruct((n_q + n_kv, R), jnp.float32)])
+    return _per_device(call, (qkv_RxNxd, cos_Txh, sin_Txh), (0, None, None), (0, 0, 0, 1))
 
 
 def _backward(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh):
     R, n_q, hd = q.shape
+    R //= _row_shards()
     n_kv = k.shape[1]
     rows, table = _rows_and_table(cos_Txh)
     qs, ks = _head_specs(rows, n_q, hd, lambda j: j), _head_specs(rows, n_kv, hd, lambda j: j - n_q)
-    return _pallas_call(
+    call = _pallas_call(
         functools.partial(_bwd_kernel, n_q=n_q, n_kv=n_kv), (R // rows, n_q + 2 * n_kv),
         [qs, ks, _head_specs(rows, n_kv, hd, lambda j: j - n_q - n_kv), qs, ks,
          pl.BlockSpec((pl.squeezed, rows), lambda i, j: (jnp.minimum(j, n_q + n_kv - 1), i)), table, table],
         pl.BlockSpec((rows, pl.squeezed, hd), lambda i, j: (i, j, 0)),
-        jax.ShapeDtypeStruct((R, n_q + 2 * n_kv, hd), q.dtype))(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh)
+        jax.ShapeDtypeStruct((R, n_q + 2 * n_kv, hd), q.dtype))
+    return _per_device(call, (dq, dk, dv, q, k, rs, cos_Txh, sin_Txh), (0, 0, 0, 0, 0, 1, None, None), 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -192,7 +222,7 @@ def _approx(op, x):
 
 def ce_supported(n_rows: int, vocab: int) -> bool:
     cols = min(CE_COLS, vocab)
-    return n_rows % CE_ROWS == 0 and vocab % cols == 0 and cols & (cols - 1) == 0 and cols >= 16
+    return n_rows % (CE_ROWS * _row_shards()) == 0 and vocab % cols == 0 and cols & (cols - 1) == 0 and cols >= 16
 
 
 def _ce_kernel(raw_ref, t_ref, wt_ref, lse_ref, *d_ref, softcap):
@@ -227,9 +257,11 @@ def logsumexp_and_grad(raw_NxV, targets_N, weights_N, softcap: float, grads: boo
     """(lse (N,) fp32 of softcap * tanh(raw / softcap), and d(sum of weights x cross-entropy)/d(raw) (N, V)
     in raw's dtype, or None without grads). Targets of -1 must have weight 0 (their one-hot is empty)."""
     N, V = raw_NxV.shape
+    N //= _row_shards()  # each device's rows
     row = pl.BlockSpec((CE_ROWS,), lambda i: (i,))
     full = pl.BlockSpec((CE_ROWS, V), lambda i: (i, 0))
     out_shape = [jax.ShapeDtypeStruct((N,), jnp.float32)] + [jax.ShapeDtypeStruct((N, V), raw_NxV.dtype)] * grads
-    out = _pallas_call(functools.partial(_ce_kernel, softcap=softcap), (N // CE_ROWS,), [full, row, row],
-                       [row] + [full] * grads, out_shape, num_warps=8, num_stages=3)(raw_NxV, targets_N, weights_N)
+    call = _pallas_call(functools.partial(_ce_kernel, softcap=softcap), (N // CE_ROWS,), [full, row, row],
+                        [row] + [full] * grads, out_shape, num_warps=8, num_stages=3)
+    out = _per_device(call, (raw_NxV, targets_N, weights_N), (0, 0, 0), (0,) * (1 + grads))
     return out[0], (out[1] if grads else None)

@@ -79,6 +79,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def traced_on(mesh: Mesh, fn):
+    """fn, traced with `mesh` as the ambient mesh, for jax.jit: the model's Pallas kernels read it to run
+    on each device's rows (XLA cannot split a kernel; it would gather the whole batch onto every device)."""
+    def on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return on_mesh
+
+
 def global_batch(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """This process's rows -> one global jax.Array laid out by `sharding` (works on 1 or many hosts)."""
     return jax.make_array_from_process_local_data(sharding, local_rows)

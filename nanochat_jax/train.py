@@ -84,7 +84,7 @@ def build_step(model_cfg, train_cfg, n_iter: int, mesh, init_params=None):
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
     state_shardings = sharding.tree_shardings(abstract, mesh)
     batch_shard = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-    step_fn = jax.jit(make_train_step(model_cfg, optimizer), donate_argnums=(0, 1),
+    step_fn = jax.jit(sharding.traced_on(mesh, make_train_step(model_cfg, optimizer)), donate_argnums=(0, 1),
                       in_shardings=(*state_shardings, batch_shard),
                       out_shardings=(*state_shardings, sharding.replicated(mesh)))
     return step_fn, jax.jit(init_state, out_shardings=state_shardings), abstract, state_shardings, batch_shard
@@ -152,7 +152,8 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
     key = jax.random.PRNGKey(config.seed)
     step_fn, init_fn, abstract, state_shardings, batch_shard = build_step(model_cfg, train_cfg, n_iter, mesh,
                                                                           init_params)
-    per_token_loss = jax.jit(lambda p, rows: model_lib.loss_fn(p, model_cfg, rows[:, :-1], rows[:, 1:])[1],
+    token_losses = lambda p, rows: model_lib.loss_fn(p, model_cfg, rows[:, :-1], rows[:, 1:])[1]
+    per_token_loss = jax.jit(sharding.traced_on(mesh, token_losses),
                              in_shardings=(state_shardings[0], sharding.batch_sharding(mesh, ndim=2)))
     token_bytes = tokenizer.token_bytes()
     val_shard = sharding.batch_sharding(mesh, ndim=2)

@@ -4,13 +4,14 @@ the same tests compile them with Triton (`JAX_PLATFORMS=cuda python -m pytest -q
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nanochat_jax import kernels, sharding, train
 from nanochat_jax import model as M
-from nanochat_jax import kernels
-from nanochat_jax.config import ConfigError
+from nanochat_jax.config import ConfigError, base_config
 
 
 def xla_path(qkv, cos, sin, n_q, n_kv):
@@ -98,3 +99,48 @@ def test_cross_entropy_kernel_matches_xla(dtype):
     assert not d_got[5].any() and d_got.any()
     lse_only, none = kernels.logsumexp_and_grad(raw, targets, weights, M.SOFTCAP, False)
     assert none is None and np.array_equal(lse_only, got[0])
+
+
+def _pallas_calls(jaxpr, inside=False):
+    """[(number of outputs, nested in a shard_map?)] for every pallas_call of a (closed) jaxpr."""
+    calls = []
+    for eqn in jaxpr.eqns:
+        here = inside or eqn.primitive.name == "shard_map"
+        if eqn.primitive.name == "pallas_call":
+            calls.append((len(eqn.outvars), here))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            calls += _pallas_calls(sub, here)
+    return calls
+
+
+@pytest.mark.parametrize("fsdp", [1, 4])
+def test_kernels_run_on_each_devices_rows_of_a_mesh(fsdp):
+    """On a mesh (8 fake devices; every GPU on the GPU machine) the real train step runs every kernel
+    inside a shard_map over the batch axes (a kernel is one custom call: XLA would gather the whole batch
+    onto every device and run it there), and its loss and updated params are those of the XLA path."""
+    n = jax.device_count()
+    if n < 2 or n % fsdp:
+        pytest.skip(f"needs a mesh of several devices with fsdp={fsdp} dividing them; this machine has {n}")
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp = -1, fsdp
+    c.train.device_batch_size, c.train.total_batch_size = 1, n * 64
+    mesh = sharding.make_mesh(c.mesh)
+    cfg = M.ModelConfig.from_depth(2, 256, 64, 2, aspect_ratio=64, head_dim=32, compute_dtype="float32",
+                                   attention="xla", kernels="pallas", loss_chunk=16)
+    rows = np.asarray(jax.random.randint(jax.random.key(2), (1, n, 65), 0, 256))
+    results = {}
+    for kernel in ("xla", "pallas"):
+        step, init_fn, _, _, batch_sh = train.build_step(dataclasses.replace(cfg, kernels=kernel), c.train, 10, mesh)
+        params, opt_state = init_fn(jax.random.key(0))
+        batch = jax.device_put(rows, batch_sh)
+        if kernel == "pallas":
+            jaxpr = jax.make_jaxpr(step)(params, opt_state, batch)
+            calls = _pallas_calls(jaxpr.jaxpr)
+            # RoPE forward (q, k, v, inverse RMS), RoPE backward (d qkv), the loss (lse, d logits)
+            assert {n for n, _ in calls} == {4, 1, 2} and all(inside for _, inside in calls), calls
+        with jax.default_matmul_precision("highest"):
+            params, _, metrics = step(params, opt_state, batch)
+        results[kernel] = (float(metrics["loss"]), params)
+    assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results["xla"][1]), jax.tree.leaves(results["pallas"][1])):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
