@@ -310,17 +310,28 @@ class MLP(nn.Module):
         return matmul(relu_squared(u), w_proj, cfg.dtype, out_in)
 
 
+def add_rms_norm(x, y, use_kernel: bool):
+    """The residual add and the next norm: (s, rms_norm(s)), s = x + y in x's dtype."""
+    if use_kernel and pallas.norm_supported(math.prod(x.shape[:-1]), x.shape[-1]):
+        return pallas.add_rms_norm(x, y)
+    s = x + y.astype(x.dtype)
+    return s, rms_norm(s)
+
+
 class Block(nn.Module):
-    """One transformer layer; scanned over the layer axis. carry = (residual stream, cache | None)."""
+    """One transformer layer; scanned over the layer axis. carry = (residual stream, its norm, cache | None):
+    each residual add is fused with the norm that reads it, this layer's second one with the next layer's
+    first (the last layer's is the final norm)."""
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, carry, layer, cos, sin, q_pos_BxT):
-        x, cache = carry
-        y, cache = Attention(self.cfg, name="attn")(rms_norm(x), layer, cos, sin, q_pos_BxT, cache)
-        x = x + y.astype(x.dtype)
-        x = x + MLP(self.cfg, name="mlp")(rms_norm(x)).astype(x.dtype)
-        return (x, cache), None
+        x, h, cache = carry
+        kernel = cache is None and self.cfg.kernels == "pallas"
+        y, cache = Attention(self.cfg, name="attn")(h, layer, cos, sin, q_pos_BxT, cache)
+        x, h = add_rms_norm(x, y, kernel)
+        x, h = add_rms_norm(x, MLP(self.cfg, name="mlp")(h), kernel)
+        return (x, h, cache), None
 
 
 class GPT(nn.Module):
@@ -347,8 +358,9 @@ class GPT(nn.Module):
             q_pos_BxT = positions_B.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
             cos, sin = rope_tables(q_pos_BxT, cfg.head_dim, cfg.acc_dtype)
         x = rms_norm(self.wte(tokens_BxT).astype(cfg.residual))
+        h = rms_norm(x)
         if cfg.scan_layers or self.is_initializing():
-            (x, cache), _ = self.blocks((x, cache), jnp.arange(cfg.depth), cos, sin, q_pos_BxT)
+            (x, h, cache), _ = self.blocks((x, h, cache), jnp.arange(cfg.depth), cos, sin, q_pos_BxT)
         else:  # the same stacked params, one block per layer in the program: no while loop around the
             # layers (a decode step then updates its KV cache in place instead of copying it per layer)
             # Unstacked once: the gradient of that is one concatenate. (Indexing p[i] per layer has
@@ -359,8 +371,8 @@ class GPT(nn.Module):
             block = self.block(cfg, parent=None)  # a free-standing module, applied to each layer's params
             for i in range(cfg.depth):
                 layer = treedef.unflatten([p[i] for p in per_layer])
-                (x, cache), _ = block.apply({"params": layer}, (x, cache), i, cos, sin, q_pos_BxT)
-        return rms_norm(x), cache
+                (x, h, cache), _ = block.apply({"params": layer}, (x, h, cache), i, cos, sin, q_pos_BxT)
+        return h, cache
 
     def head(self, x_BxTxD):
         """Softcapped logits in fp32."""

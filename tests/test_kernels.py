@@ -82,6 +82,27 @@ def test_unsupported_lengths_fall_back_and_bad_choice_is_refused():
         dataclasses.replace(cfg, kernels="triton")
 
 
+@pytest.mark.parametrize("dtype,d_model", [(jnp.float32, 192), (jnp.bfloat16, 192), (jnp.bfloat16, 48)])
+def test_add_rms_norm_kernel_matches_xla_values_and_gradients(dtype, d_model):
+    """s = x + y and rms_norm(s), and d/dx = d/dy of a weighted sum of both outputs: the kernel against
+    model.add_rms_norm's XLA path (d_model 192: tiles of 64 columns; 48: of 16), 32 rows of 4."""
+    x, y = (jax.random.normal(jax.random.key(i), (2, 16, d_model)).astype(dtype) for i in (0, 1))
+    w_s, w_h = (jax.random.normal(jax.random.key(i), (2, 16, d_model)) for i in (2, 3))
+    assert kernels.norm_supported(32, d_model)
+    outs, grads = {}, {}
+    for use_kernel in (False, True):
+        f = lambda x, y: M.add_rms_norm(x, y, use_kernel)
+        outs[use_kernel] = f(x, y)
+        loss = lambda x, y: sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(f(x, y), (w_s, w_h)))
+        grads[use_kernel] = jax.grad(loss, argnums=(0, 1))(x, y)
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == jnp.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    for a, b in zip(outs[False] + grads[False], outs[True] + grads[True]):
+        assert b.dtype == dtype
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), **tol)
+    np.testing.assert_array_equal(outs[True][0], outs[False][0])  # the add rounds the same way
+    assert not kernels.norm_supported(31, d_model) and not kernels.norm_supported(32, 40)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cross_entropy_kernel_matches_xla(dtype):
     """logsumexp and d(loss)/d(raw logits) over 2 x 16 rows of a 2,048-way vocabulary (two column tiles),
@@ -136,8 +157,9 @@ def test_kernels_run_on_each_devices_rows_of_a_mesh(fsdp):
         if kernel == "pallas":
             jaxpr = jax.make_jaxpr(step)(params, opt_state, batch)
             calls = _pallas_calls(jaxpr.jaxpr)
-            # RoPE forward (q, k, v, inverse RMS), RoPE backward (d qkv), the loss (lse, d logits)
-            assert {n for n, _ in calls} == {4, 1, 2} and all(inside for _, inside in calls), calls
+            # RoPE forward (q, k, v, inverse RMS), add + norm forward (s, h, inverse RMS), the backward
+            # passes (d qkv; d x), the loss (lse, d logits)
+            assert {n for n, _ in calls} == {4, 3, 1, 2} and all(inside for _, inside in calls), calls
         with jax.default_matmul_precision("highest"):
             params, _, metrics = step(params, opt_state, batch)
         results[kernel] = (float(metrics["loss"]), params)
