@@ -50,20 +50,25 @@ def _row_axes() -> tuple:
 
 
 def _row_shards() -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    return math.prod(mesh.shape[a] for a in _row_axes())
+    return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in _row_axes())
 
 
-def _per_device(fn, args, in_dims, out_dims):
-    """fn(*args) on each device's rows: dimension in_dims[i] of args[i] (None: the whole array) and
-    out_dims[j] of output j are split over the mesh's batch axes. A kernel is one custom call that XLA's
-    partitioner cannot split: it would all-gather the batch and run it whole on every device."""
-    axes = _row_axes()
-    if not axes:
-        return fn(*args)
-    spec = lambda d: P() if d is None else P(*[None] * d, axes)
-    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(map(spec, in_dims)),
-                         out_specs=jax.tree.map(spec, out_dims), check_vma=False)(*args)
+def _per_device(in_dims, out_dims):
+    """Decorator: the kernel call runs on each device's rows, built from that device's shapes. Dimension
+    in_dims[i] of array argument i (None: the whole array) and out_dims[j] of output j (an int: of every
+    output) are split over the mesh's batch axes; keyword arguments are static. A kernel is one custom
+    call that XLA's partitioner cannot split: it would all-gather the batch and run it on every device."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*arrays, **static):
+            axes, call = _row_axes(), functools.partial(fn, **static)
+            if not axes:
+                return call(*arrays)
+            spec = lambda d: P() if d is None else P(*[None] * d, axes)
+            return jax.shard_map(call, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(map(spec, in_dims)),
+                                 out_specs=jax.tree.map(spec, out_dims), check_vma=False)(*arrays)
+        return run
+    return wrap
 
 
 def _pallas_call(kernel, grid, in_specs, out_specs, out_shape, num_warps=4, num_stages=1):
@@ -147,45 +152,44 @@ def _rows_and_table(cos_Txh):
     return rows, pl.BlockSpec((rows, h), lambda i, j: (i % (T // rows), 0))
 
 
-def _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
+@_per_device(in_dims=(0, None, None), out_dims=(0, 0, 0, 1))
+def _forward(qkv_RxNxd, cos_Txh, sin_Txh, *, n_q, n_kv):
     R, N, hd = qkv_RxNxd.shape
     rows, table = _rows_and_table(cos_Txh)
     kernel = functools.partial(_fwd_kernel, n_q=n_q, n_kv=n_kv, eps=float(jnp.finfo(qkv_RxNxd.dtype).eps))
     dt = qkv_RxNxd.dtype
-    R //= _row_shards()  # each device's rows
-    call = _pallas_call(
+    return _pallas_call(
         kernel, (R // rows, N),
         [pl.BlockSpec((rows, pl.squeezed, hd), lambda i, j: (i, j, 0)), table, table],
         [_head_specs(rows, n_q, hd, lambda j: j), _head_specs(rows, n_kv, hd, lambda j: j - n_q),
          _head_specs(rows, n_kv, hd, lambda j: j - n_q - n_kv),
          pl.BlockSpec((pl.squeezed, rows), lambda i, j: (jnp.minimum(j, n_q + n_kv - 1), i))],
         [jax.ShapeDtypeStruct((R, n_q, hd), dt), jax.ShapeDtypeStruct((R, n_kv, hd), dt),
-         jax.ShapeDtypeStruct((R, n_kv, hd), dt), jax.ShapeDtypeStruct((n_q + n_kv, R), jnp.float32)])
-    return _per_device(call, (qkv_RxNxd, cos_Txh, sin_Txh), (0, None, None), (0, 0, 0, 1))
+         jax.ShapeDtypeStruct((R, n_kv, hd), dt), jax.ShapeDtypeStruct((n_q + n_kv, R), jnp.float32)]
+    )(qkv_RxNxd, cos_Txh, sin_Txh)
 
 
+@_per_device(in_dims=(0, 0, 0, 0, 0, 1, None, None), out_dims=0)
 def _backward(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh):
     R, n_q, hd = q.shape
-    R //= _row_shards()
     n_kv = k.shape[1]
     rows, table = _rows_and_table(cos_Txh)
     qs, ks = _head_specs(rows, n_q, hd, lambda j: j), _head_specs(rows, n_kv, hd, lambda j: j - n_q)
-    call = _pallas_call(
+    return _pallas_call(
         functools.partial(_bwd_kernel, n_q=n_q, n_kv=n_kv), (R // rows, n_q + 2 * n_kv),
         [qs, ks, _head_specs(rows, n_kv, hd, lambda j: j - n_q - n_kv), qs, ks,
          pl.BlockSpec((pl.squeezed, rows), lambda i, j: (jnp.minimum(j, n_q + n_kv - 1), i)), table, table],
         pl.BlockSpec((rows, pl.squeezed, hd), lambda i, j: (i, j, 0)),
-        jax.ShapeDtypeStruct((R, n_q + 2 * n_kv, hd), q.dtype))
-    return _per_device(call, (dq, dk, dv, q, k, rs, cos_Txh, sin_Txh), (0, 0, 0, 0, 0, 1, None, None), 0)
+        jax.ShapeDtypeStruct((R, n_q + 2 * n_kv, hd), q.dtype))(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _rope_qk_norm(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
-    return _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv)[:3]
+    return _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q=n_q, n_kv=n_kv)[:3]
 
 
 def _rope_qk_norm_fwd(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv):
-    q, k, v, rs = _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q, n_kv)
+    q, k, v, rs = _forward(qkv_RxNxd, cos_Txh, sin_Txh, n_q=n_q, n_kv=n_kv)
     return (q, k, v), (q, k, rs, cos_Txh, sin_Txh)
 
 
@@ -257,17 +261,20 @@ def _ce_kernel(raw_ref, t_ref, wt_ref, lse_ref, *d_ref, softcap):
     lax.fori_loop(0, V // C, grad_tile, 0)
 
 
-def logsumexp_and_grad(raw_NxV, targets_N, weights_N, softcap: float, grads: bool):
-    """(lse (N,) fp32 of softcap * tanh(raw / softcap), and d(sum of weights x cross-entropy)/d(raw) (N, V)
-    in raw's dtype, or None without grads). Targets of -1 must have weight 0 (their one-hot is empty)."""
+@_per_device(in_dims=(0, 0, 0), out_dims=0)
+def _ce_call(raw_NxV, targets_N, weights_N, *, softcap, grads):
     N, V = raw_NxV.shape
-    N //= _row_shards()  # each device's rows
     row = pl.BlockSpec((CE_ROWS,), lambda i: (i,))
     full = pl.BlockSpec((CE_ROWS, V), lambda i: (i, 0))
     out_shape = [jax.ShapeDtypeStruct((N,), jnp.float32)] + [jax.ShapeDtypeStruct((N, V), raw_NxV.dtype)] * grads
-    call = _pallas_call(functools.partial(_ce_kernel, softcap=softcap), (N // CE_ROWS,), [full, row, row],
-                        [row] + [full] * grads, out_shape, num_warps=8, num_stages=3)
-    out = _per_device(call, (raw_NxV, targets_N, weights_N), (0, 0, 0), (0,) * (1 + grads))
+    return _pallas_call(functools.partial(_ce_kernel, softcap=softcap), (N // CE_ROWS,), [full, row, row],
+                        [row] + [full] * grads, out_shape, num_warps=8, num_stages=3)(raw_NxV, targets_N, weights_N)
+
+
+def logsumexp_and_grad(raw_NxV, targets_N, weights_N, softcap: float, grads: bool):
+    """(lse (N,) fp32 of softcap * tanh(raw / softcap), and d(sum of weights x cross-entropy)/d(raw) (N, V)
+    in raw's dtype, or None without grads). Targets of -1 must have weight 0 (their one-hot is empty)."""
+    out = _ce_call(raw_NxV, targets_N, weights_N, softcap=softcap, grads=grads)
     return out[0], (out[1] if grads else None)
 
 
@@ -315,15 +322,27 @@ def _add_norm_bwd_kernel(s_ref, r_ref, dh_ref, ds_ref, dx_ref, *, tile):
         dx_ref[:, c] = (ds_ref[:, c].astype(f32) + r[:, None] * (g - n * dots[:, None])).astype(dx_ref.dtype)
 
 
-def _norm_call(kernel, args, in_dims, out_shape):
+def _norm_call(kernel, args, out_shape):
+    """One program per NORM_ROWS rows of (N, D) and (N,) arrays."""
     N, D = args[0].shape
-    N //= _row_shards()
-    rows, row = pl.BlockSpec((NORM_ROWS, D), lambda i: (i, 0)), pl.BlockSpec((NORM_ROWS,), lambda i: (i,))
-    specs = lambda dims: [rows if d == 2 else row for d in dims]
-    out_dims = tuple(len(o.shape) for o in out_shape)
-    out_shape = [jax.ShapeDtypeStruct((N,) + o.shape[1:], o.dtype) for o in out_shape]
-    call = _pallas_call(kernel, (N // NORM_ROWS,), specs(in_dims), specs(out_dims), out_shape, num_warps=2)
-    return _per_device(call, args, (0,) * len(args), (0,) * len(out_shape))
+    spec = lambda a: pl.BlockSpec((NORM_ROWS, D), lambda i: (i, 0)) if a.ndim == 2 else \
+        pl.BlockSpec((NORM_ROWS,), lambda i: (i,))
+    return _pallas_call(kernel, (N // NORM_ROWS,), [spec(a) for a in args], [spec(o) for o in out_shape],
+                        out_shape, num_warps=2)(*args)
+
+
+@_per_device(in_dims=(0, 0), out_dims=0)
+def _add_norm_forward(x_NxD, y_NxD):
+    N, D = x_NxD.shape
+    kernel = functools.partial(_add_norm_fwd_kernel, tile=_norm_tile(D), eps=float(jnp.finfo(x_NxD.dtype).eps))
+    return _norm_call(kernel, (x_NxD, y_NxD), [jax.ShapeDtypeStruct((N, D), x_NxD.dtype)] * 2 +
+                      [jax.ShapeDtypeStruct((N,), jnp.float32)])
+
+
+@_per_device(in_dims=(0, 0, 0, 0), out_dims=0)
+def _add_norm_backward(s_NxD, r_N, dh_NxD, ds_NxD):
+    kernel = functools.partial(_add_norm_bwd_kernel, tile=_norm_tile(s_NxD.shape[1]))
+    return _norm_call(kernel, (s_NxD, r_N, dh_NxD, ds_NxD), [jax.ShapeDtypeStruct(s_NxD.shape, s_NxD.dtype)])[0]
 
 
 @jax.custom_vjp
@@ -332,18 +351,14 @@ def _add_rms_norm(x_NxD, y_NxD):
 
 
 def _add_rms_norm_fwd(x_NxD, y_NxD):
-    N, D = x_NxD.shape
-    kernel = functools.partial(_add_norm_fwd_kernel, tile=_norm_tile(D), eps=float(jnp.finfo(x_NxD.dtype).eps))
-    s, h, r = _norm_call(kernel, (x_NxD, y_NxD), (2, 2), [jax.ShapeDtypeStruct((N, D), x_NxD.dtype)] * 2 +
-                         [jax.ShapeDtypeStruct((N,), jnp.float32)])
+    s, h, r = _add_norm_forward(x_NxD, y_NxD)
     return (s, h), (s, r)
 
 
 def _add_rms_norm_bwd(res, cotangents):
     s, r = res
     ds, dh = cotangents
-    kernel = functools.partial(_add_norm_bwd_kernel, tile=_norm_tile(s.shape[1]))
-    dx = _norm_call(kernel, (s, r, dh, ds), (2, 1, 2, 2), [jax.ShapeDtypeStruct(s.shape, s.dtype)])[0]
+    dx = _add_norm_backward(s, r, dh, ds)
     return dx, dx  # s = x + y
 
 

@@ -152,7 +152,9 @@ def train_loop(config, stage: str, train_cfg, tokenizer, data_iter, val_batches,
     key = jax.random.PRNGKey(config.seed)
     step_fn, init_fn, abstract, state_shardings, batch_shard = build_step(model_cfg, train_cfg, n_iter, mesh,
                                                                           init_params)
-    token_losses = lambda p, rows: model_lib.loss_fn(p, model_cfg, rows[:, :-1], rows[:, 1:])[1]
+    def token_losses(p, rows):
+        return model_lib.loss_fn(p, model_cfg, rows[:, :-1], rows[:, 1:])[1]
+
     per_token_loss = jax.jit(sharding.traced_on(mesh, token_losses),
                              in_shardings=(state_shardings[0], sharding.batch_sharding(mesh, ndim=2)))
     token_bytes = tokenizer.token_bytes()
