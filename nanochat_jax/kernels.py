@@ -49,11 +49,11 @@ def _row_axes() -> tuple:
     return () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
-def _row_shards() -> int:
+def row_shards() -> int:
     return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in _row_axes())
 
 
-def _per_device(in_dims, out_dims):
+def per_device(in_dims, out_dims):
     """Decorator: the kernel call runs on each device's rows, built from that device's shapes. Dimension
     in_dims[i] of array argument i (None: the whole array) and out_dims[j] of output j (an int: of every
     output) are split over the mesh's batch axes; keyword arguments are static. A kernel is one custom
@@ -152,7 +152,7 @@ def _rows_and_table(cos_Txh):
     return rows, pl.BlockSpec((rows, h), lambda i, j: (i % (T // rows), 0))
 
 
-@_per_device(in_dims=(0, None, None), out_dims=(0, 0, 0, 1))
+@per_device(in_dims=(0, None, None), out_dims=(0, 0, 0, 1))
 def _forward(qkv_RxNxd, cos_Txh, sin_Txh, *, n_q, n_kv):
     R, N, hd = qkv_RxNxd.shape
     rows, table = _rows_and_table(cos_Txh)
@@ -169,7 +169,7 @@ def _forward(qkv_RxNxd, cos_Txh, sin_Txh, *, n_q, n_kv):
     )(qkv_RxNxd, cos_Txh, sin_Txh)
 
 
-@_per_device(in_dims=(0, 0, 0, 0, 0, 1, None, None), out_dims=0)
+@per_device(in_dims=(0, 0, 0, 0, 0, 1, None, None), out_dims=0)
 def _backward(dq, dk, dv, q, k, rs, cos_Txh, sin_Txh):
     R, n_q, hd = q.shape
     n_kv = k.shape[1]
@@ -230,7 +230,7 @@ def _approx(op, x):
 
 def ce_supported(n_rows: int, vocab: int) -> bool:
     cols = min(CE_COLS, vocab)
-    return n_rows % (CE_ROWS * _row_shards()) == 0 and vocab % cols == 0 and cols & (cols - 1) == 0 and cols >= 16
+    return n_rows % (CE_ROWS * row_shards()) == 0 and vocab % cols == 0 and cols & (cols - 1) == 0 and cols >= 16
 
 
 def _ce_kernel(raw_ref, t_ref, wt_ref, lse_ref, *d_ref, softcap):
@@ -261,7 +261,7 @@ def _ce_kernel(raw_ref, t_ref, wt_ref, lse_ref, *d_ref, softcap):
     lax.fori_loop(0, V // C, grad_tile, 0)
 
 
-@_per_device(in_dims=(0, 0, 0), out_dims=0)
+@per_device(in_dims=(0, 0, 0), out_dims=0)
 def _ce_call(raw_NxV, targets_N, weights_N, *, softcap, grads):
     N, V = raw_NxV.shape
     row = pl.BlockSpec((CE_ROWS,), lambda i: (i,))
@@ -290,7 +290,7 @@ def _norm_tile(d_model: int) -> int:
 
 
 def norm_supported(n_rows: int, d_model: int) -> bool:
-    return _norm_tile(d_model) >= 16 and n_rows % (NORM_ROWS * _row_shards()) == 0
+    return _norm_tile(d_model) >= 16 and n_rows % (NORM_ROWS * row_shards()) == 0
 
 
 def _add_norm_fwd_kernel(x_ref, y_ref, s_ref, h_ref, r_ref, *, tile, eps):
@@ -331,7 +331,7 @@ def _norm_call(kernel, args, out_shape):
                         out_shape, num_warps=2)(*args)
 
 
-@_per_device(in_dims=(0, 0), out_dims=0)
+@per_device(in_dims=(0, 0), out_dims=0)
 def _add_norm_forward(x_NxD, y_NxD):
     N, D = x_NxD.shape
     kernel = functools.partial(_add_norm_fwd_kernel, tile=_norm_tile(D), eps=float(jnp.finfo(x_NxD.dtype).eps))
@@ -339,7 +339,7 @@ def _add_norm_forward(x_NxD, y_NxD):
                       [jax.ShapeDtypeStruct((N,), jnp.float32)])
 
 
-@_per_device(in_dims=(0, 0, 0, 0), out_dims=0)
+@per_device(in_dims=(0, 0, 0, 0), out_dims=0)
 def _add_norm_backward(s_NxD, r_N, dh_NxD, ds_NxD):
     kernel = functools.partial(_add_norm_bwd_kernel, tile=_norm_tile(s_NxD.shape[1]))
     return _norm_call(kernel, (s_NxD, r_N, dh_NxD, ds_NxD), [jax.ShapeDtypeStruct(s_NxD.shape, s_NxD.dtype)])[0]

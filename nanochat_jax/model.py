@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nanochat_jax import fused_matmul
 from nanochat_jax import kernels as pallas
 from nanochat_jax.config import ConfigError
 
@@ -299,15 +300,47 @@ class Attention(nn.Module):
         return matmul(y.reshape(B, T, H * hd), w_out, cfg.dtype, out_in), cache
 
 
+def _dot(x, y, contract):  # a GEMM with x's dtype as output, as `matmul`
+    return lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def relu2_mlp(h_MxD, w_fc_DxF, w_proj_FxD, up: Callable, down_grad: Callable):
+    """relu(h @ w_fc)² @ w_proj, where up(h, w_fc) = relu(h @ w_fc)² and down_grad(g, w_proj^T, a) =
+    (g @ w_proj^T) 2 sqrt(a) are fused_matmul's kernels. The forward keeps a = relu(u)², not u: the
+    backward needs only a (d relu(u)² / du = 2 relu(u) = 2 sqrt(a))."""
+    return _dot(up(h_MxD, w_fc_DxF), w_proj_FxD, ((1,), (0,)))
+
+
+def _relu2_mlp_fwd(h, w_fc, w_proj, up, down_grad):
+    a = up(h, w_fc)
+    return _dot(a, w_proj, ((1,), (0,))), (h, w_fc, w_proj, a)
+
+
+def _relu2_mlp_bwd(up, down_grad, residuals, g_MxD):
+    h, w_fc, w_proj, a = residuals
+    du = down_grad(g_MxD, w_proj.T, a)
+    return _dot(du, w_fc, ((1,), (1,))), _dot(h, du, ((0,), (0,))), _dot(a, g_MxD, ((0,), (0,)))
+
+
+relu2_mlp.defvjp(_relu2_mlp_fwd, _relu2_mlp_bwd)
+
+
 class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h_BxTxD):
+    def __call__(self, h_BxTxD, use_kernel: bool = False):
         cfg, D, out_in = self.cfg, h_BxTxD.shape[-1], self.cfg.kernel_layout == "out_in"
-        u = matmul(h_BxTxD, block_kernel(cfg, "c_fc", D, 4 * cfg.d_model), cfg.dtype, out_in)
+        w_fc = block_kernel(cfg, "c_fc", D, 4 * cfg.d_model)
         w_proj = block_kernel(cfg, "c_proj", 4 * cfg.d_model, cfg.d_model, nn.initializers.zeros)
-        return matmul(relu_squared(u), w_proj, cfg.dtype, out_in)
+        rows = math.prod(h_BxTxD.shape[:-1])
+        if use_kernel and not out_in and fused_matmul.supported(rows // pallas.row_shards(), D, 4 * D, cfg.dtype):
+            dt = cfg.dtype
+            y = relu2_mlp(h_BxTxD.reshape(rows, D).astype(dt), w_fc.astype(dt), w_proj.astype(dt),
+                          fused_matmul.relu2_matmul, fused_matmul.relu2_grad_matmul)
+            return y.reshape(h_BxTxD.shape)
+        return matmul(relu_squared(matmul(h_BxTxD, w_fc, cfg.dtype, out_in)), w_proj, cfg.dtype, out_in)
 
 
 def add_rms_norm(x, y, use_kernel: bool):
@@ -330,7 +363,7 @@ class Block(nn.Module):
         kernel = cache is None and self.cfg.kernels == "pallas"
         y, cache = Attention(self.cfg, name="attn")(h, layer, cos, sin, q_pos_BxT, cache)
         x, h = add_rms_norm(x, y, kernel)
-        x, h = add_rms_norm(x, MLP(self.cfg, name="mlp")(h), kernel)
+        x, h = add_rms_norm(x, MLP(self.cfg, name="mlp")(h, kernel), kernel)
         return (x, h, cache), None
 
 

@@ -6,6 +6,7 @@ Skipped on machines without a CUDA GPU (CI has none); run on the GPU machine wit
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,3 +73,64 @@ def test_bf16_generation_path_matches_the_training_forward():
     err = _rel(jnp.stack(got), full[119:199])
     print(f"generation path vs training forward (bf16): {err:.2e}")
     assert err < 2e-2
+
+
+hopper = pytest.mark.skipif(not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."),
+                            reason="the fused matmul kernel uses Hopper's wgmma; this GPU is not a Hopper")
+
+
+def _fused_up_calls(jaxpr, rows, d_in, d_out):
+    """Equations (at any depth) that are not a dot but compute a (rows, d_out) array from (rows, d_in) and
+    (d_in, d_out) operands: the fused up-projection kernel."""
+    found = 0
+    for eqn in jaxpr.eqns:
+        shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+        if (eqn.primitive.name != "dot_general" and (rows, d_in) in shapes and (d_in, d_out) in shapes
+                and (rows, d_out) in [tuple(v.aval.shape) for v in eqn.outvars]):
+            found += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _fused_up_calls(sub, rows, d_in, d_out)
+    return found
+
+
+@hopper
+@pytest.mark.parametrize("m,k,n", [(256, 128, 512), (1024, 1664, 6656), (1024, 1280, 5120)])
+def test_fused_matmuls_match_xla(m, k, n):
+    """Both kernels against fp32 references: relu(x @ w)², and (g @ w) 2 sqrt(a) with a = relu(u)² of
+    some u (zeros included)."""
+    from nanochat_jax import fused_matmul
+    assert fused_matmul.supported(m, k, n, jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+    w = (jax.random.normal(jax.random.key(1), (k, n)) / k ** 0.5).astype(jnp.bfloat16)
+    a = jnp.square(jnp.maximum(jax.random.normal(jax.random.key(2), (m, n)), 0)).astype(jnp.bfloat16)
+    xw = np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32), np.float32)
+    got = np.asarray(jax.jit(fused_matmul.relu2_matmul)(x, w), np.float32)
+    want = np.square(np.maximum(xw, 0))
+    # one bf16 rounding of an fp32 result whose summation order differs from cuBLAS'
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3 * want.max())
+    assert (got[xw <= 0] == 0).all() and (got > 0).mean() > 0.4
+    got = np.asarray(jax.jit(fused_matmul.relu2_grad_matmul)(x, w, a), np.float32)
+    want = xw * 2 * np.sqrt(np.asarray(a, np.float32))
+    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3 * np.abs(want).max())
+    assert (got[np.asarray(a) == 0] == 0).all() and (got != 0).mean() > 0.4
+
+
+@hopper
+def test_model_with_fused_mlp_matches_xla_path_in_bf16():
+    """kernels='pallas' in bf16 on a Hopper: the MLP runs the fused kernels (the up-projection found in the
+    jaxpr), and the loss and gradients match the XLA path's within bf16 rounding."""
+    cfg = M.ModelConfig.from_depth(2, 256, 128, 2, aspect_ratio=64, head_dim=64, compute_dtype="bfloat16",
+                                   attention="cudnn", kernels="xla", loss_chunk=64)
+    params = M.init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda a: a if a.any() else 0.02 * jax.random.normal(jax.random.key(1), a.shape), params)
+    rows = jax.random.randint(jax.random.key(2), (2, 129), 0, 256)
+    out = {}
+    for kernel in ("xla", "pallas"):
+        c = dataclasses.replace(cfg, kernels=kernel)
+        fn = jax.value_and_grad(lambda p: M.loss_fn(p, c, rows[:, :-1], rows[:, 1:])[0])
+        out[kernel] = fn(params), _fused_up_calls(jax.make_jaxpr(fn)(params).jaxpr, 256, 128, 512)
+    assert out["pallas"][1] >= 1 and out["xla"][1] == 0  # (B T rows, D -> 4 D)
+    (l_x, g_x), (l_p, g_p) = out["xla"][0], out["pallas"][0]
+    assert float(l_p) == pytest.approx(float(l_x), rel=1e-2)
+    for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_p)):
+        assert _rel(b, a) < 0.05

@@ -376,3 +376,24 @@ def test_bfloat16_compute_keeps_fp32_params_logits_and_loss():
     assert cache.dtype == jnp.bfloat16
     lc, cache = M.forward_cached(p, cfg16, toks, cache, jnp.zeros(2, jnp.int32))
     assert lc.dtype == jnp.float32 and rel_err(lc, np.asarray(l16, np.float64)) < 1e-2
+
+
+def test_relu2_mlp_backward_from_the_relu2_output_matches_autodiff():
+    """relu2_mlp (the fused MLP's VJP) differentiates through 2 sqrt(a) instead of 2 relu(u), a = relu(u)²:
+    the same loss and gradients as autodiff of relu(h @ w_fc)² @ w_proj (fp32, with XLA standing in for
+    the kernels), zero through u <= 0."""
+    h = jax.random.normal(jax.random.key(0), (64, 32))
+    w_fc = jax.random.normal(jax.random.key(1), (32, 96)) / 6
+    w_proj = jax.random.normal(jax.random.key(2), (96, 32)) / 10
+    g = jax.random.normal(jax.random.key(3), (64, 32))
+    up = lambda h, w: M.relu_squared(h @ w)
+    down_grad = lambda g, w, a: (g @ w) * 2 * jnp.sqrt(a)
+    with jax.default_matmul_precision("highest"):
+        want = jax.value_and_grad(lambda *p: jnp.sum((up(p[0], p[1]) @ p[2]) * g), argnums=(0, 1, 2))(h, w_fc, w_proj)
+        got = jax.value_and_grad(lambda *p: jnp.sum(M.relu2_mlp(*p, up, down_grad) * g), argnums=(0, 1, 2))(
+            h, w_fc, w_proj)
+    assert 0.3 < float(jnp.mean(h @ w_fc > 0)) < 0.7  # both branches of the ReLU are exercised
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(want[1], got[1]):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
