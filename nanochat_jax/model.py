@@ -58,7 +58,7 @@ class ModelConfig:
     sequence_len: int
     compute_dtype: str = "float32"  # bfloat16 | float32 (float64 for numerical tests, needs jax x64)
     attention: str = "xla"  # cudnn | xla (training path; the cached path is always xla)
-    kernels: str = "xla"  # pallas | xla: RoPE + QK-norm and the loss's element-wise work in training (kernels.py)
+    kernels: str = "xla"  # pallas | xla: training's kernels.py steps, and the fused MLP on Hopper (fused_matmul.py)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (x all rows)
     residual_dtype: str = "float32"  # float32 | compute (the reference's bf16 residual stream under autocast)
