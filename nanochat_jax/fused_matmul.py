@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nanochat_jax.kernels import per_device
+from nanochat_jax.sharding import per_device, row_shards
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -34,13 +34,13 @@ TILE_M, TILE_N, TILE_K, STAGES = 128, 128, 64, 3  # TILE_N per compute warpgroup
 
 
 def supported(rows: int, d_in: int, d_out: int, dtype) -> bool:
-    """On a Hopper GPU (compute capability 9.x), bf16, and shapes the tiles divide (either GEMM: the
-    backward's is (rows, d_out) @ (d_out, d_in) with the same tiles)."""
+    """On a Hopper GPU (compute capability 9.x), bf16, and shapes the tiles divide on each device's rows
+    (either GEMM: the backward's is (rows, d_out) @ (d_out, d_in) with the same tiles)."""
     if plgpu is None or jax.default_backend() != "gpu" or jnp.dtype(dtype) != jnp.bfloat16:
         return False
     if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
         return False
-    return rows % TILE_M == 0 and d_in % TILE_K == 0 and d_out % (2 * TILE_N) == 0
+    return rows % (TILE_M * row_shards()) == 0 and d_in % TILE_K == 0 and d_out % (2 * TILE_N) == 0
 
 
 def _swizzled():

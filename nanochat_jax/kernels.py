@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec as P
 
-from nanochat_jax.sharding import BATCH_AXES
+from nanochat_jax.sharding import per_device, row_shards
 
 try:
     from jax.experimental.pallas import triton as plgpu
@@ -41,34 +40,6 @@ except ImportError:  # a jax without Pallas' Triton backend
 
 def available() -> bool:
     return plgpu is not None
-
-
-def _row_axes() -> tuple:
-    """The ambient mesh's batch axes that split rows over devices (sharding.traced_on sets the mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-
-
-def row_shards() -> int:
-    return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in _row_axes())
-
-
-def per_device(in_dims, out_dims):
-    """Decorator: the kernel call runs on each device's rows, built from that device's shapes. Dimension
-    in_dims[i] of array argument i (None: the whole array) and out_dims[j] of output j (an int: of every
-    output) are split over the mesh's batch axes; keyword arguments are static. A kernel is one custom
-    call that XLA's partitioner cannot split: it would all-gather the batch and run it on every device."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(*arrays, **static):
-            axes, call = _row_axes(), functools.partial(fn, **static)
-            if not axes:
-                return call(*arrays)
-            spec = lambda d: P() if d is None else P(*[None] * d, axes)
-            return jax.shard_map(call, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(map(spec, in_dims)),
-                                 out_specs=jax.tree.map(spec, out_dims), check_vma=False)(*arrays)
-        return run
-    return wrap
 
 
 def _pallas_call(kernel, grid, in_specs, out_specs, out_shape, num_warps=4, num_stages=1):

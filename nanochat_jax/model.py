@@ -335,7 +335,7 @@ class MLP(nn.Module):
         w_fc = block_kernel(cfg, "c_fc", D, 4 * cfg.d_model)
         w_proj = block_kernel(cfg, "c_proj", 4 * cfg.d_model, cfg.d_model, nn.initializers.zeros)
         rows = math.prod(h_BxTxD.shape[:-1])
-        if use_kernel and not out_in and fused_matmul.supported(rows // pallas.row_shards(), D, 4 * D, cfg.dtype):
+        if use_kernel and not out_in and fused_matmul.supported(rows, D, 4 * D, cfg.dtype):
             dt = cfg.dtype
             y = relu2_mlp(h_BxTxD.reshape(rows, D).astype(dt), w_fc.astype(dt), w_proj.astype(dt),
                           fused_matmul.relu2_matmul, fused_matmul.relu2_grad_matmul)

@@ -7,7 +7,9 @@ moments / Muon momenta always share a layout.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 
 import jax
@@ -86,6 +88,35 @@ def traced_on(mesh: Mesh, fn):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
     return on_mesh
+
+
+def _row_axes() -> tuple:
+    """The ambient mesh's batch axes that split rows over devices (traced_on sets the mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def row_shards() -> int:
+    """How many devices the ambient mesh splits the rows over (1 without a mesh)."""
+    return math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in _row_axes())
+
+
+def per_device(in_dims, out_dims):
+    """Decorator: the kernel call runs on each device's rows, built from that device's shapes. Dimension
+    in_dims[i] of array argument i (None: the whole array) and out_dims[j] of output j (an int: of every
+    output) are split over the mesh's batch axes; keyword arguments are static. A kernel is one custom
+    call that XLA's partitioner cannot split: it would all-gather the batch and run it on every device."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*arrays, **static):
+            axes, call = _row_axes(), functools.partial(fn, **static)
+            if not axes:
+                return call(*arrays)
+            spec = lambda d: P() if d is None else P(*[None] * d, axes)
+            return jax.shard_map(call, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(map(spec, in_dims)),
+                                 out_specs=jax.tree.map(spec, out_dims), check_vma=False)(*arrays)
+        return run
+    return wrap
 
 
 def global_batch(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:

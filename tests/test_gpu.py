@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernel_paths
 from nanochat_jax import model as M
 
 pytestmark = pytest.mark.skipif(jax.devices()[0].platform != "gpu",
@@ -115,21 +116,20 @@ def test_fused_matmuls_match_xla(m, k, n):
     assert (got[np.asarray(a) == 0] == 0).all() and (got != 0).mean() > 0.4
 
 
+def _bf16_model():  # d_model 128, MLP 512: the fused kernels' tiles divide it at 256 rows
+    return M.ModelConfig.from_depth(2, 256, 128, 2, aspect_ratio=64, head_dim=64, compute_dtype="bfloat16",
+                                    attention="cudnn", kernels="xla", loss_chunk=64)
+
+
 @hopper
 def test_model_with_fused_mlp_matches_xla_path_in_bf16():
     """kernels='pallas' in bf16 on a Hopper: the MLP runs the fused kernels (the up-projection found in the
     jaxpr), and the loss and gradients match the XLA path's within bf16 rounding."""
-    cfg = M.ModelConfig.from_depth(2, 256, 128, 2, aspect_ratio=64, head_dim=64, compute_dtype="bfloat16",
-                                   attention="cudnn", kernels="xla", loss_chunk=64)
-    params = M.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda a: a if a.any() else 0.02 * jax.random.normal(jax.random.key(1), a.shape), params)
+    cfg = _bf16_model()
     rows = jax.random.randint(jax.random.key(2), (2, 129), 0, 256)
-    out = {}
-    for kernel in ("xla", "pallas"):
-        c = dataclasses.replace(cfg, kernels=kernel)
-        fn = jax.value_and_grad(lambda p: M.loss_fn(p, c, rows[:, :-1], rows[:, 1:])[0])
-        out[kernel] = fn(params), _fused_up_calls(jax.make_jaxpr(fn)(params).jaxpr, 256, 128, 512)
-    assert out["pallas"][1] >= 1 and out["xla"][1] == 0  # (B T rows, D -> 4 D)
+    out = kernel_paths.loss_and_grads(cfg, kernel_paths.small_params(cfg), rows)
+    calls = {k: _fused_up_calls(jaxpr, 256, 128, 512) for k, (_, jaxpr) in out.items()}
+    assert calls["pallas"] >= 1 and calls["xla"] == 0  # (B T rows, D -> 4 D)
     (l_x, g_x), (l_p, g_p) = out["xla"][0], out["pallas"][0]
     assert float(l_p) == pytest.approx(float(l_x), rel=1e-2)
     for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_p)):
@@ -141,30 +141,17 @@ def test_fused_mlp_runs_on_each_gpus_rows_of_a_mesh():
     """On every GPU of the machine (a data-parallel mesh), the real bf16 train step runs the fused MLP
     kernels on each device's rows (found with per-device shapes in the step's jaxpr) and its loss and
     parameter updates match the XLA path's within bf16 rounding."""
-    from nanochat_jax import sharding, train
-    from nanochat_jax.config import base_config
     n = jax.device_count()
     if n < 2:
         pytest.skip(f"needs several GPUs for a mesh; this machine has {n}")
-    c = base_config()
-    c.mesh.data, c.mesh.fsdp = -1, 1
-    c.train.device_batch_size, c.train.total_batch_size = 2, n * 2 * 128
-    mesh = sharding.make_mesh(c.mesh)
-    cfg = M.ModelConfig.from_depth(2, 256, 128, 2, aspect_ratio=64, head_dim=64, compute_dtype="bfloat16",
-                                   attention="cudnn", kernels="xla", loss_chunk=64)
-    rows = np.asarray(jax.random.randint(jax.random.key(2), (1, n * 2, 129), 0, 256))
-    results = {}
-    for kernel in ("xla", "pallas"):
-        step, init_fn, _, _, batch_sh = train.build_step(dataclasses.replace(cfg, kernels=kernel), c.train, 10, mesh)
-        params, opt_state = init_fn(jax.random.key(0))
-        batch = jax.device_put(rows, batch_sh)
-        calls = _fused_up_calls(jax.make_jaxpr(step)(params, opt_state, batch).jaxpr, 2 * 128, 128, 512)
+    cfg = _bf16_model()
+    results = kernel_paths.mesh_train_step(cfg, fsdp=1, rows_per_device=2, seq=128)
+    for kernel, (_, _, _, jaxpr) in results.items():
+        calls = _fused_up_calls(jaxpr, 2 * 128, 128, 512)
         assert calls >= 1 if kernel == "pallas" else calls == 0, (kernel, calls)
-        before = jax.tree.map(np.asarray, params)  # (the step donates params)
-        params, _, metrics = step(params, opt_state, batch)
-        results[kernel] = (float(metrics["loss"]), jax.tree.map(lambda a, b: np.asarray(a) - b, params, before))
     assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-2)
-    for a, b in zip(jax.tree.leaves(results["xla"][1]), jax.tree.leaves(results["pallas"][1])):
+    updates = {k: jax.tree.map(lambda after, before: after - before, r[2], r[1]) for k, r in results.items()}
+    for a, b in zip(jax.tree.leaves(updates["xla"]), jax.tree.leaves(updates["pallas"])):
         if not a.any():  # q, k, v get no gradient while the zero-initialised attention output is zero
             assert not b.any()
         else:  # the updates: gradients through bf16 GEMMs, then Muon / AdamW

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanochat_jax import kernels, sharding, train
+import kernel_paths
+from nanochat_jax import kernels
 from nanochat_jax import model as M
-from nanochat_jax.config import ConfigError, base_config
+from nanochat_jax.config import ConfigError
 
 
 def xla_path(qkv, cos, sin, n_q, n_kv):
@@ -56,14 +57,9 @@ def test_model_with_kernel_matches_xla_path():
     'xla', GQA, fp32."""
     cfg = M.ModelConfig.from_depth(2, 256, 64, 2, aspect_ratio=64, head_dim=32, compute_dtype="float32",
                                    attention="xla", kernels="xla", loss_chunk=24)
-    params = M.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda a: a if a.any() else 0.02 * jax.random.normal(jax.random.key(1), a.shape), params)
     rows = jax.random.randint(jax.random.key(2), (2, 65), 0, 256)
-    grads = {}
-    for kernel in ("xla", "pallas"):
-        c = dataclasses.replace(cfg, kernels=kernel)
-        with jax.default_matmul_precision("highest"):  # on a GPU, fp32 GEMMs would otherwise round to TF32
-            grads[kernel] = jax.value_and_grad(lambda p: M.loss_fn(p, c, rows[:, :-1], rows[:, 1:])[0])(params)
+    with jax.default_matmul_precision("highest"):  # on a GPU, fp32 GEMMs would otherwise round to TF32
+        grads = {k: v for k, (v, _) in kernel_paths.loss_and_grads(cfg, kernel_paths.small_params(cfg), rows).items()}
     np.testing.assert_allclose(grads["pallas"][0], grads["xla"][0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads["xla"][1]), jax.tree.leaves(grads["pallas"][1])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
@@ -142,27 +138,13 @@ def test_kernels_run_on_each_devices_rows_of_a_mesh(fsdp):
     n = jax.device_count()
     if n < 2 or n % fsdp:
         pytest.skip(f"needs a mesh of several devices with fsdp={fsdp} dividing them; this machine has {n}")
-    c = base_config()
-    c.mesh.data, c.mesh.fsdp = -1, fsdp
-    c.train.device_batch_size, c.train.total_batch_size = 1, n * 64
-    mesh = sharding.make_mesh(c.mesh)
     cfg = M.ModelConfig.from_depth(2, 256, 64, 2, aspect_ratio=64, head_dim=32, compute_dtype="float32",
                                    attention="xla", kernels="pallas", loss_chunk=16)
-    rows = np.asarray(jax.random.randint(jax.random.key(2), (1, n, 65), 0, 256))
-    results = {}
-    for kernel in ("xla", "pallas"):
-        step, init_fn, _, _, batch_sh = train.build_step(dataclasses.replace(cfg, kernels=kernel), c.train, 10, mesh)
-        params, opt_state = init_fn(jax.random.key(0))
-        batch = jax.device_put(rows, batch_sh)
-        if kernel == "pallas":
-            jaxpr = jax.make_jaxpr(step)(params, opt_state, batch)
-            calls = _pallas_calls(jaxpr.jaxpr)
-            # RoPE forward (q, k, v, inverse RMS), add + norm forward (s, h, inverse RMS), the backward
-            # passes (d qkv; d x), the loss (lse, d logits)
-            assert {n for n, _ in calls} == {4, 3, 1, 2} and all(inside for _, inside in calls), calls
-        with jax.default_matmul_precision("highest"):
-            params, _, metrics = step(params, opt_state, batch)
-        results[kernel] = (float(metrics["loss"]), params)
+    results = kernel_paths.mesh_train_step(cfg, fsdp, rows_per_device=1, seq=64)
+    calls = _pallas_calls(results["pallas"][3])
+    # RoPE forward (q, k, v, inverse RMS), add + norm forward (s, h, inverse RMS), the backward
+    # passes (d qkv; d x), the loss (lse, d logits)
+    assert {n for n, _ in calls} == {4, 3, 1, 2} and all(inside for _, inside in calls), calls
     assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-6)
-    for a, b in zip(jax.tree.leaves(results["xla"][1]), jax.tree.leaves(results["pallas"][1])):
+    for a, b in zip(jax.tree.leaves(results["xla"][2]), jax.tree.leaves(results["pallas"][2])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
