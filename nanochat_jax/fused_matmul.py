@@ -57,6 +57,13 @@ def _times_2_sqrt(acc, a):
     return acc * (2.0 * a * lax.rsqrt(jnp.maximum(a, 1e-30)))
 
 
+def _load(ref, layout):
+    try:  # jax >= 0.11 takes the index through ref.at[...] (passing it as well is deprecated there)
+        return plgpu.load(ref, layout=layout)
+    except TypeError:  # jax 0.10 requires the index argument
+        return plgpu.load(ref, (), layout=layout)
+
+
 def _kernel(x_gmem, w_gmem, a_gmem, out_gmem, out_smem, a_ready, *, epilogue):
     wg, m, n = lax.axis_index("wg"), lax.axis_index("m"), lax.axis_index("n")
     tile = (pl.ds(m * TILE_M, TILE_M), pl.ds((2 * n + wg) * TILE_N, TILE_N))
@@ -68,7 +75,7 @@ def _kernel(x_gmem, w_gmem, a_gmem, out_gmem, out_smem, a_ready, *, epilogue):
         a = None
         if a_gmem is not None:
             plgpu.barrier_wait(a_ready.at[wg])
-            a = plgpu.load(out_smem.at[wg], (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            a = _load(out_smem.at[wg], plgpu.Layout.WGMMA).astype(jnp.float32)
         out_smem[wg] = epilogue(acc, a).astype(out_gmem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[tile])
