@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nanochat_jax.sharding import per_device, row_shards
+from nanochat_jax.sharding import gpu_compute_capability, per_device, row_shards
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -33,12 +33,16 @@ except ImportError:  # a jax without Pallas' Mosaic GPU backend
 TILE_M, TILE_N, TILE_K, STAGES = 128, 128, 64, 3  # TILE_N per compute warpgroup; two of them per CTA
 
 
+def on_hopper() -> bool:
+    """A Hopper GPU (compute capability 9.x) and a jax with Pallas' Mosaic GPU backend."""
+    cc = gpu_compute_capability()
+    return plgpu is not None and cc is not None and int(cc) == 9
+
+
 def supported(rows: int, d_in: int, d_out: int, dtype) -> bool:
-    """On a Hopper GPU (compute capability 9.x), bf16, and shapes the tiles divide on each device's rows
-    (either GEMM: the backward's is (rows, d_out) @ (d_out, d_in) with the same tiles)."""
-    if plgpu is None or jax.default_backend() != "gpu" or jnp.dtype(dtype) != jnp.bfloat16:
-        return False
-    if not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
+    """On a Hopper, bf16, and shapes the tiles divide on each device's rows (either GEMM: the backward's is
+    (rows, d_out) @ (d_out, d_in) with the same tiles)."""
+    if not on_hopper() or jnp.dtype(dtype) != jnp.bfloat16:
         return False
     return rows % (TILE_M * row_shards()) == 0 and d_in % TILE_K == 0 and d_out % (2 * TILE_N) == 0
 

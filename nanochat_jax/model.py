@@ -32,6 +32,7 @@ from jax import lax
 from nanochat_jax import fused_matmul
 from nanochat_jax import kernels as pallas
 from nanochat_jax.config import ConfigError
+from nanochat_jax.sharding import gpu_compute_capability
 
 ROPE_BASE = 10000.0
 SOFTCAP = 15.0
@@ -132,22 +133,12 @@ class ModelConfig:
                               scan_layers=m.scan_layers)
 
 
-def _gpu_compute_capability() -> float | None:
-    dev = jax.devices()[0]
-    if dev.platform != "gpu":
-        return None
-    try:
-        return float(getattr(dev, "compute_capability", ""))
-    except ValueError:  # not an NVIDIA device
-        return None
-
-
 def _resolve_auto(compute_dtype: str, attention: str, kernels: str) -> tuple[str, str, str]:
     """'auto': bf16 on GPUs with compute capability >= 8.0 (fp32 on CPU, T4, V100); cuDNN attention
     wherever we run on a GPU in bf16 (its flash kernel is bf16/fp16 only), XLA elsewhere; the Pallas
     kernels on any NVIDIA GPU (Triton), XLA elsewhere (Pallas would interpret them)."""
     if "auto" in (compute_dtype, attention, kernels):
-        cc = _gpu_compute_capability()
+        cc = gpu_compute_capability()
         if compute_dtype == "auto":
             compute_dtype = "bfloat16" if cc is not None and cc >= 8.0 else "float32"
         if attention == "auto":

@@ -90,6 +90,17 @@ def traced_on(mesh: Mesh, fn):
     return on_mesh
 
 
+def gpu_compute_capability() -> float | None:
+    """The first device's NVIDIA compute capability (9.0 on an H100), None off NVIDIA GPUs."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return None
+    try:
+        return float(getattr(dev, "compute_capability", ""))
+    except ValueError:  # not an NVIDIA device
+        return None
+
+
 def _row_axes() -> tuple:
     """The ambient mesh's batch axes that split rows over devices (traced_on sets the mesh)."""
     mesh = jax.sharding.get_abstract_mesh()

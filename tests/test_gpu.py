@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import kernel_paths
+from nanochat_jax import fused_matmul
 from nanochat_jax import model as M
 
 pytestmark = pytest.mark.skipif(jax.devices()[0].platform != "gpu",
@@ -76,7 +77,7 @@ def test_bf16_generation_path_matches_the_training_forward():
     assert err < 2e-2
 
 
-hopper = pytest.mark.skipif(not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."),
+hopper = pytest.mark.skipif(not fused_matmul.on_hopper(),
                             reason="the fused matmul kernel uses Hopper's wgmma; this GPU is not a Hopper")
 
 
@@ -99,7 +100,6 @@ def _fused_up_calls(jaxpr, rows, d_in, d_out):
 def test_fused_matmuls_match_xla(m, k, n):
     """Both kernels against fp32 references: relu(x @ w)², and (g @ w) 2 sqrt(a) with a = relu(u)² of
     some u (zeros included)."""
-    from nanochat_jax import fused_matmul
     assert fused_matmul.supported(m, k, n, jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
     w = (jax.random.normal(jax.random.key(1), (k, n)) / k ** 0.5).astype(jnp.bfloat16)
