@@ -78,7 +78,8 @@ def test_bf16_generation_path_matches_the_training_forward():
 
 
 hopper = pytest.mark.skipif(not fused_matmul.on_hopper(),
-                            reason="the fused matmul kernel uses Hopper's wgmma; this GPU is not a Hopper")
+                            reason="the fused matmul kernels use Hopper's wgmma: they need a Hopper GPU (H100/H200), "
+                                   "and this machine has none")
 
 
 def _fused_up_calls(jaxpr, rows, d_in, d_out):
