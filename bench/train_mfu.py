@@ -1,14 +1,17 @@
-"""Training throughput of the real step (model + Muon/AdamW + sharding on a one-device mesh, random tokens).
+"""Training throughput of the real step (model + Muon/AdamW + sharding on a mesh, one GPU by default, random tokens).
 
     python bench/train_mfu.py                                    # d12 b32, d20 b32, d26 b16 with the defaults
     python bench/train_mfu.py --cases d20:32 --remat none,dots_with_no_batch_dims_saveable
     python bench/train_mfu.py --cases d2:2 --seq 128 --vocab 512 --steps 3   # CPU smoke run
+    python bench/train_mfu.py --cases d20:32 --mesh 1x1,4x1,1x4              # 1 GPU, then 4: data x fsdp
 
 Each case runs in its own process (so peak memory is that case's alone): it builds the step with
 train.py's own `build_step` (optimiser, shardings, state donated), compiles it ahead of time, runs 3
 warm-up steps, then times --steps steps, each from the previous step's end to its own (the next step
 is queued first, as the training loop does; --sync blocks on each step before queueing the next).
-MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16). A table is printed last.
+MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16) per device: with --mesh DATAxFSDP the
+device batch is per device, tokens/s counts every device's rows, and peak memory is the largest device's.
+A table is printed last.
 """
 from __future__ import annotations
 
@@ -43,14 +46,19 @@ def run_case(case: dict) -> dict:
         key, value = override.split("=")
         section, name = key.split(".")
         c[section][name] = value if isinstance(c[section][name], str) else ast.literal_eval(value)
-    c.train.total_batch_size = case["batch"] * case["seq"] * case["accum"]
-    c.mesh.data, c.mesh.fsdp = 1, 1
+    c.mesh.data, c.mesh.fsdp = case["mesh"]
+    n_dev = c.mesh.data * c.mesh.fsdp
+    if n_dev > len(jax.devices()):
+        raise SystemExit(f"mesh {c.mesh.data}x{c.mesh.fsdp} needs {n_dev} devices; this machine has {len(jax.devices())}")
+    global_rows = case["batch"] * n_dev  # every device's rows of a micro-step
+    c.train.total_batch_size = global_rows * case["seq"] * case["accum"]
     model_cfg = model_lib.ModelConfig.from_config(c)
-    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    devices = jax.devices()[:n_dev]
+    mesh = sharding.make_mesh(c.mesh, devices)
     step, init_fn, _, _, batch_sh = train.build_step(model_cfg, c.train, 1000, mesh)
     params, opt_state = init_fn(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    batches = [jax.device_put(rng.integers(0, case["vocab"], (case["accum"], case["batch"], case["seq"] + 1),
+    batches = [jax.device_put(rng.integers(0, case["vocab"], (case["accum"], global_rows, case["seq"] + 1),
                                            dtype=np.int32), batch_sh) for _ in range(2)]
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, batches[0]).compile()
@@ -81,12 +89,12 @@ def run_case(case: dict) -> dict:
                 params, opt_state, m = compiled(params, opt_state, batches[i % 2])
             jax.block_until_ready((params, opt_state, m))
     dt = statistics.median(times)
-    tokens = case["batch"] * case["seq"] * case["accum"]
+    tokens = global_rows * case["seq"] * case["accum"]
     flops_tok = model_lib.estimate_flops(model_cfg)
-    stats = jax.devices()[0].memory_stats() or {}
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
     return dict(case, step_ms=1e3 * dt, spread_ms=1e3 * (max(times) - min(times)), tok_s=tokens / dt,
-                mfu=flops_tok * tokens / dt / train.PEAK_FLOPS["H100"],
-                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+                mfu=flops_tok * tokens / dt / (train.PEAK_FLOPS["H100"] * n_dev),
+                peak_gib=peak / 2**30,
                 compile_s=compile_s, loss=loss, device=jax.devices()[0].device_kind,
                 n_params=model_lib.param_counts(model_cfg)["total"], flops_per_token=flops_tok)
 
@@ -103,6 +111,7 @@ def main():
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--set", default="", help="config overrides for every case, ';'-separated; '|' separates "
                                               "variants: 'model.residual_dtype=compute|model.scan_layers=False'")
+    ap.add_argument("--mesh", default="1x1", help="comma-separated DATAxFSDP meshes over the first devices")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--sync", action="store_true", help="wait for each step before queueing the next")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -117,14 +126,15 @@ def main():
     rows = []
     for spec in args.cases.split(","):
         depth, batch = spec.lstrip("d").split(":")
-        for remat, chunk, variant in itertools.product(args.remat.split(","), args.loss_chunk.split(","),
-                                                       args.set.split("|")):
-            case = dict(depth=int(depth), batch=int(batch), seq=args.seq, vocab=args.vocab, remat=remat,
+        for mesh, remat, chunk, variant in itertools.product(args.mesh.split(","), args.remat.split(","),
+                                                             args.loss_chunk.split(","), args.set.split("|")):
+            case = dict(depth=int(depth), batch=int(batch), mesh=[int(n) for n in mesh.split("x")],
+                        seq=args.seq, vocab=args.vocab, remat=remat,
                         loss_chunk=int(chunk), attention=args.attention, dtype=args.dtype, accum=args.accum,
                         steps=args.steps, sync=args.sync, set=[kv for kv in variant.split(";") if kv],
                         compile_cache=args.compile_cache)
             if args.profile:
-                case["profile"] = f"{args.profile}/d{depth}_{batch}_{remat}_{chunk}_{len(rows)}"
+                case["profile"] = f"{args.profile}/d{depth}_{batch}_{mesh}_{remat}_{chunk}_{len(rows)}"
             proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
                                   text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -137,11 +147,12 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"\n{'case':<8}{'remat / overrides':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}"
+    print(f"\n{'case':<8}{'mesh':>5} {'remat / overrides':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}"
           f"{'compile s':>10}")
     for r in rows:
         name = ";".join([r["remat"]] + [kv.split(".")[-1] for kv in r["set"]])
-        head = f"d{r['depth']}:{r['batch']:<5}{name[:33]:<34}{r['loss_chunk']:>6}"
+        mesh = "x".join(map(str, r["mesh"]))
+        head = f"d{r['depth']}:{r['batch']:<5}{mesh:>5} {name[:33]:<34}{r['loss_chunk']:>6}"
         if "error" in r:
             print(head + "  failed: " + r["error"][:60])
         else:

@@ -3,8 +3,9 @@ transform.
 
 Every leaf it sees is a matrix or a stack of matrices `(..., in, out)` in Flax's kernel layout; the
 leading axes are batch axes, so a layer stack `(L, in, out)` is orthogonalised matrix by matrix with
-batched matmuls only. Nothing mixes the leading axes, so with the stack sharded along L each device
-works on its own layers and no gather is needed.
+batched matmuls only. Nothing mixes the leading axes, so on a mesh each device orthogonalises its own
+share of the layers (sharding.split_layers) and the updates are gathered after, as the reference's
+distributed Muon splits its parameters over ranks.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from nanochat_jax import sharding
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so five
 # steps push the singular values of a Gaussian matrix into about [0.57, 1.19], not exactly to 1.
@@ -83,7 +86,8 @@ def muon(learning_rate, momentum, nesterov=True, ns_steps=5, eps=1e-7,
 
         def one(g, buf):
             g = (1 - mu) * g + mu * buf if nesterov else buf  # lerp(g, buf, mu)
-            return -lr * shape_scale(g.shape) * orthogonalize(g, ns_steps, eps, ns_dtype).astype(buf.dtype)
+            update = sharding.split_layers(lambda x: orthogonalize(x, ns_steps, eps, ns_dtype), g)
+            return -lr * shape_scale(g.shape) * update.astype(buf.dtype)
 
         new_updates = jax.tree.map(one, updates, buffers)
         return new_updates, MuonState(count=optax.safe_increment(state.count), momentum=buffers)

@@ -13,6 +13,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -128,6 +129,23 @@ def per_device(in_dims, out_dims):
                                  out_specs=jax.tree.map(spec, out_dims), check_vma=False)(*arrays)
         return run
     return wrap
+
+
+def split_layers(fn, stack):
+    """fn(stack) for an fn batched over the leading axis (a layer stack), each device of the ambient mesh
+    computing its own share of the layers, the results gathered back. Muon orthogonalises this way: on a
+    data-parallel mesh every device would otherwise run Newton-Schulz on every layer (d20: ~20 ms a step).
+    The stack is zero-padded to a multiple of the device count (fn must map a zero matrix to zeros) and
+    split fsdp-major, which only refines the split over fsdp that params already have."""
+    axes = _row_axes()
+    n = row_shards()
+    if n == 1 or stack.ndim < 3:
+        return fn(stack)
+    L = stack.shape[0]
+    padded = jnp.pad(stack, [(0, -L % n)] + [(0, 0)] * (stack.ndim - 1))
+    spec = P(tuple(reversed(axes)))
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec, out_specs=spec,
+                         check_vma=False)(padded)[:L]
 
 
 def global_batch(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -7,6 +7,7 @@ import optax.contrib
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nanochat_jax import sharding
 from nanochat_jax.muon import muon, orthogonalize
 
 
@@ -116,6 +117,30 @@ def test_sharded_along_layers_runs_without_collectives():
     # (the CPU compiler fuses the bf16 polynomial into the GEMMs differently when sharded: one bf16
     # rounding apart: measured 0.17% relative)
     assert rel_err(got["w"], np.asarray(expect["w"], np.float64)) < 0.01
+
+
+def _flops(compiled):
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
+def test_on_a_mesh_each_device_orthogonalises_its_share_of_the_layers(data, fsdp):
+    """In the train step (sharding.traced_on), a stack of 5 layers is padded to 8 and each device runs
+    Newton-Schulz on one layer, not on all 5 as a data-parallel device did; the update is the same."""
+    devices = np.array(jax.devices())
+    if devices[0].platform != "cpu":
+        pytest.skip("needs tests/conftest.py's 8 fake CPU devices; JAX_PLATFORMS=cuda gives the machine's GPUs")
+    mesh = Mesh(devices.reshape(data, fsdp), sharding.BATCH_AXES)
+    g = {"w": jnp.asarray(np.random.default_rng(4).standard_normal((5, 16, 48)), jnp.float32)}
+    opt = muon(0.02, 0.9, ns_dtype=jnp.float32)
+    state = opt.init(g)
+    alone = jax.jit(opt.update).lower(g, state).compile()
+    g_rep, state_rep = jax.device_put((g, state), sharding.replicated(mesh))  # as data parallelism lays them out
+    on_mesh = jax.jit(sharding.traced_on(mesh, opt.update)).lower(g_rep, state_rep).compile()
+    assert _flops(on_mesh) < 0.3 * _flops(alone)  # one layer's Newton-Schulz of five, per device
+    expect, got = alone(g, state)[0]["w"], on_mesh(g_rep, state_rep)[0]["w"]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-5, atol=1e-6)
 
 
 def test_orthogonalization_matches_optax_contrib():
