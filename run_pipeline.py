@@ -15,11 +15,9 @@ import os
 import sys
 import time
 
-# Training owns the GPU: let JAX's allocator take 90% of its memory (JAX's default is 75%). XLA plans
-# its rematerialisation within that limit, so it recomputes fewer activations: d20 at device batch 32
-# on an H100 479.6 ms/step at 66.7 GiB peak, against 484.6 ms at 56.0 GiB (bench/NOTES.md). A value
-# the user set wins.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+from nanochat_jax import xla_env
+
+xla_env.set_training_defaults()  # before jax starts: memory fraction, collective sizes (a user's values win)
 
 import ml_collections
 from absl import app, flags

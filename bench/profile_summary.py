@@ -1,6 +1,6 @@
 """Where a profiled step spends its GPU time: kernels grouped into families, from a perfetto trace.
 
-    python bench/profile_summary.py DIR [--steps 2] [--top 25] [--hlo FILE]
+    python bench/profile_summary.py DIR [--steps 2] [--top 25] [--hlo FILE] [--process GPU:0]
 
 DIR is what `jax.profiler.trace(DIR, create_perfetto_trace=True)` wrote (bench/train_mfu.py --profile).
 Sums kernel durations on the GPU's stream rows per kernel name and per family (matmul, attention,
@@ -8,6 +8,8 @@ elementwise/reduction fusions, copies), divided by --steps, and prints the large
 optimised HLO text: train_mfu.py --profile writes step.hlo.txt, XLA_FLAGS=--xla_dump_to writes
 *after_optimizations.txt) each fusion is also described by the ops it fuses and its output shape,
 and kernels are grouped by that description, so the 20 per-layer copies of one fusion add up.
+On several GPUs, --process picks one device's rows (a substring of its process name); the collectives
+(NCCL kernels) are also summed with how much of their time other kernels ran beside them.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import json
 import re
 
 FAMILIES = [  # first match wins
+    ("collective", re.compile(r"nccl", re.I)),
     ("attention", re.compile(r"cudnn|flash|fmha|sdpa|attn", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma|dot", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy|transpose", re.I)),
@@ -81,7 +84,19 @@ def idle_gaps(kernels: list, steps: int) -> None:
         print(f"    {g / 1e3:7.3f} ms after {before[:50]} before {after[:50]}")
 
 
-def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> None:
+def overlapped(intervals: list, others: list) -> float:
+    """Total length of `intervals` covered by the union of `others` (both lists of (start, stop, ...))."""
+    merged = []
+    for start, stop, *_ in sorted(others):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return sum(max(0, min(stop, b) - max(start, a)) for start, stop, *_ in intervals for a, b in merged
+               if a < stop and b > start)
+
+
+def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None, process: str = "GPU") -> None:
     path = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True) +
                   glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
     with gzip.open(path) as f:
@@ -95,7 +110,7 @@ def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> N
             threads[(e["pid"], e["tid"])] = e["args"]["name"]
     by_name, by_family, kernels = collections.Counter(), collections.Counter(), []
     for e in events:
-        if e.get("ph") != "X" or "GPU" not in procs.get(e.get("pid"), ""):
+        if e.get("ph") != "X" or process not in procs.get(e.get("pid"), ""):
             continue
         if not threads.get((e["pid"], e["tid"]), "").lower().startswith("stream"):
             continue
@@ -111,6 +126,12 @@ def summarize(trace_dir: str, steps: int, top: int, hlo: str | None = None) -> N
     for fam, ms in by_family.most_common():
         print(f"  {fam:<12}{ms:8.1f} ms {100 * ms / total:5.1f}%")
     idle_gaps(kernels, steps)
+    collectives = [k for k in kernels if "nccl" in k[2].lower()]
+    if collectives:
+        rest = [k for k in kernels if "nccl" not in k[2].lower()]
+        busy = sum(stop - start for start, stop, _ in collectives)
+        print(f"  collectives {busy / 1e3 / steps:.1f} ms per step, "
+              f"{overlapped(collectives, rest) / 1e3 / steps:.1f} ms of it beside other kernels")
     if hlo:
         described = describe_fusions(hlo)
         groups, counts = collections.Counter(), collections.Counter()
@@ -131,5 +152,6 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--hlo", default=None, help="optimised HLO text of the traced program")
+    ap.add_argument("--process", default="GPU", help="only trace processes whose name holds this (GPU:0: one device)")
     a = ap.parse_args()
-    summarize(a.dir, a.steps, a.top, a.hlo)
+    summarize(a.dir, a.steps, a.top, a.hlo, a.process)

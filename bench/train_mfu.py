@@ -26,7 +26,8 @@ import sys
 import time
 
 def run_case(case: dict) -> dict:
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # as run_pipeline.py sets it
+    from nanochat_jax import xla_env
+    xla_env.set_training_defaults()  # as run_pipeline.py starts
     import jax
     import numpy as np
 

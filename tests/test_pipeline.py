@@ -45,3 +45,17 @@ def test_overrides_apply_and_each_log_line_prints_once(tmp_path):
     out = p.stdout + p.stderr
     assert len(re.findall(r"config:\n", out)) == 1, out  # not once more by absl's own handler
     assert "pipeline summary" in p.stdout
+
+
+def test_training_xla_defaults_keep_what_the_user_set(monkeypatch):
+    from nanochat_jax import xla_env
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_all_reduce_combine_threshold_bytes=5 --xla_dump_to=/tmp/d")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    xla_env.set_training_defaults()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags == ["--xla_gpu_all_reduce_combine_threshold_bytes=5", "--xla_dump_to=/tmp/d",
+                     f"--xla_gpu_all_gather_combine_threshold_bytes={256 << 20}"]
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    xla_env.set_training_defaults()  # a second call adds nothing twice
+    assert os.environ["XLA_FLAGS"].split() == flags and os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9"
