@@ -138,11 +138,10 @@ def split_layers(fn, stack):
     The stack is zero-padded to a multiple of the device count (fn must map a zero matrix to zeros) and
     split fsdp-major, which only refines the split over fsdp that params already have."""
     axes = _row_axes()
-    n = row_shards()
-    if n == 1 or stack.ndim < 3:
+    if not axes or stack.ndim < 3:
         return fn(stack)
     L = stack.shape[0]
-    padded = jnp.pad(stack, [(0, -L % n)] + [(0, 0)] * (stack.ndim - 1))
+    padded = jnp.pad(stack, [(0, -L % row_shards())] + [(0, 0)] * (stack.ndim - 1))
     spec = P(tuple(reversed(axes)))
     return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=spec, out_specs=spec,
                          check_vma=False)(padded)[:L]

@@ -92,10 +92,14 @@ def test_stacked_equals_separate_matrices():
             np.testing.assert_array_equal(u_stack["w"][i], u_single[f"w{i}"])
 
 
+fake_cpu_devices = pytest.mark.skipif(jax.devices()[0].platform != "cpu",
+                                      reason="needs tests/conftest.py's 8 fake CPU devices; "
+                                             "JAX_PLATFORMS=cuda gives the machine's GPUs instead")
+
+
+@fake_cpu_devices
 def test_sharded_along_layers_runs_without_collectives():
     devices = np.array(jax.devices())
-    if devices[0].platform != "cpu":
-        pytest.skip("needs tests/conftest.py's 8 fake CPU devices; JAX_PLATFORMS=cuda gives the machine's GPUs")
     assert len(devices) == 8  # tests/conftest.py: 8 fake CPU devices
     mesh = Mesh(devices, ("layers",))
     by_layer = NamedSharding(mesh, P("layers"))
@@ -124,13 +128,12 @@ def _flops(compiled):
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
+@fake_cpu_devices
 @pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4)])
 def test_on_a_mesh_each_device_orthogonalises_its_share_of_the_layers(data, fsdp):
     """In the train step (sharding.traced_on), a stack of 5 layers is padded to 8 and each device runs
     Newton-Schulz on one layer, not on all 5 as a data-parallel device did; the update is the same."""
     devices = np.array(jax.devices())
-    if devices[0].platform != "cpu":
-        pytest.skip("needs tests/conftest.py's 8 fake CPU devices; JAX_PLATFORMS=cuda gives the machine's GPUs")
     mesh = Mesh(devices.reshape(data, fsdp), sharding.BATCH_AXES)
     g = {"w": jnp.asarray(np.random.default_rng(4).standard_normal((5, 16, 48)), jnp.float32)}
     opt = muon(0.02, 0.9, ns_dtype=jnp.float32)
