@@ -146,30 +146,28 @@ def test_on_a_mesh_each_device_orthogonalises_its_share_of_the_layers(data, fsdp
     np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-5, atol=1e-6)
 
 
-def test_orthogonalization_matches_optax_contrib():
-    # optax's scale_by_muon with beta=0 and no Nesterov is its bare Newton-Schulz (same quintic
-    # coefficients, Frobenius pre-scaling, transpose of tall matrices); fed bf16 it iterates in bf16,
-    # as the reference does: x <- a x + B x with B = b A + c A^2. Ours multiplies by
-    # P = c (A + beta I)^2 + gamma I, the same polynomial with its square completed (one GEMM, no pass
-    # over x for the add; the identity terms in place), which rounds differently: measured 3.4-4.1%
-    # apart; ours 1.9-3.7% from float64, theirs 3.3-6.1%, ours the closer on every shape.
-    rng = np.random.default_rng(4)
-    ns = optax.contrib.scale_by_muon(beta=0.0, nesterov=False, eps=1e-7,
-                                     weight_dimension_numbers={"w": optax.contrib.MuonDimensionNumbers()})
-    for shape in [(32, 48), (48, 32), (128, 512)]:
-        g = {"w": jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)}
-        theirs, _ = ns.update(g, ns.init(g))
-        ours, exact = orthogonalize(g["w"]), ns5_reference(np.asarray(g["w"], np.float64))
-        assert rel_err(ours, np.asarray(theirs["w"], np.float64)) < 0.05, shape
-        assert rel_err(ours, exact) <= rel_err(theirs["w"], exact), shape
-
-
 def _optax_bf16_newton_schulz(g):
-    """optax's bare Newton-Schulz fed bf16 (see the test above): the reference's form, in bf16."""
+    """optax's scale_by_muon with beta=0 and no Nesterov is its bare Newton-Schulz (same quintic
+    coefficients, Frobenius pre-scaling, transpose of tall matrices); fed bf16 it iterates in bf16, as the
+    reference does: x <- a x + B x with B = b A + c A^2."""
     ns = optax.contrib.scale_by_muon(beta=0.0, nesterov=False, eps=1e-7,
                                      weight_dimension_numbers={"w": optax.contrib.MuonDimensionNumbers()})
     g = {"w": jnp.asarray(g, jnp.bfloat16)}
     return ns.update(g, ns.init(g))[0]["w"]
+
+
+def test_orthogonalization_matches_optax_contrib():
+    # Ours multiplies by P = c (A + beta I)^2 + gamma I, optax's polynomial (see the helper above) with its
+    # square completed (one GEMM, no pass over x for the add; the identity terms in place), which rounds
+    # differently: measured 3.4-4.1% apart; ours 1.9-3.7% from float64, theirs 3.3-6.1%, ours the closer
+    # on every shape.
+    rng = np.random.default_rng(4)
+    for shape in [(32, 48), (48, 32), (128, 512)]:
+        g = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+        theirs = _optax_bf16_newton_schulz(g)
+        ours, exact = orthogonalize(g), ns5_reference(np.asarray(g, np.float64))
+        assert rel_err(ours, np.asarray(theirs, np.float64)) < 0.05, shape
+        assert rel_err(ours, exact) <= rel_err(theirs, exact), shape
 
 
 def test_gram_newton_schulz_is_the_same_iteration():
