@@ -10,11 +10,12 @@ dq, dk, dv and the normalised q and k (which attention keeps for its own backwar
 d(qkv) in the GEMM's layout. Same math as model.rope_qk_norm: RoPE's output is rounded to the compute
 dtype before the fp32 norm.
 
-Cross-entropy (model._fused_ce): over one chunk's raw logits (rows, V), the logsumexp of the softcapped
-logits, then d(loss)/d(raw logits), in one kernel. XLA's two passes for this (8.7 + 8.5 ms of a d20 step
-on an H100) are bound by its IEEE-exact exponential and division, not by memory; PTX's approximate ex2
-and rcp are within 2 fp32 ulp, far below the bf16 rounding of d(logits) (11.3 ms). Same formulas as
-model._fused_ce: with r = 1 / (1 + e^(2z/c)), c tanh(z/c) = c (1 - 2r) and its derivative is 4 r (1 - r).
+Cross-entropy (model._fused_ce): over one chunk's raw logits (rows, V), in one pass, the sum of the
+exponentials of the softcapped logits (shifted by c) and the scores e^(softcapped - c) x softcap', which model._fused_ce scales per row into
+d(loss)/d(raw logits). XLA's passes for this (8.7 + 8.5 ms of a d20 step on an H100) are bound by its
+IEEE-exact exponential and division, not by memory; PTX's approximate ex2 and rcp are within 2 fp32 ulp,
+far below the bf16 rounding of the scores. Same formulas as model._softcap_sum_and_scores: with
+r = 1 / (1 + e^(2z/c)), c tanh(z/c) = c (1 - 2r) and its derivative is 4 r (1 - r).
 
 Residual add + RMSNorm (model.add_rms_norm), one pass each way (d20 on an H100: 23.7 -> 20.7 ms a step).
 
@@ -204,48 +205,39 @@ def ce_supported(n_rows: int, vocab: int) -> bool:
     return n_rows % (CE_ROWS * row_shards()) == 0 and vocab % cols == 0 and cols & (cols - 1) == 0 and cols >= 16
 
 
-def _ce_kernel(raw_ref, t_ref, wt_ref, lse_ref, *d_ref, softcap):
+def _ce_kernel(raw_ref, sum_ref, *scores_ref, softcap):
     R, V = raw_ref.shape
     C = min(CE_COLS, V)
     f32 = jnp.float32
 
-    def r_at(k):  # the tile of r for vocabulary columns [k C, (k + 1) C)
+    def tile(k, total):  # vocabulary columns [k C, (k + 1) C): e^(softcap(z) - softcap) summed, scores written
         z = raw_ref[:, pl.ds(k * C, C)].astype(f32)
-        return _approx("rcp", 1 + _approx("ex2", z * (2 * LOG2E / softcap)))
+        r = _approx("rcp", 1 + _approx("ex2", z * (2 * LOG2E / softcap)))
+        e = _approx("ex2", (-2 * softcap * LOG2E) * r)
+        if scores_ref:
+            scores_ref[0][:, pl.ds(k * C, C)] = (e * (4 * r * (1 - r))).astype(scores_ref[0].dtype)
+        return total + e
 
     # summed tile-wise, reduced across the tile once at the end
-    total = lax.fori_loop(0, V // C, lambda k, acc: acc + _approx("ex2", (-2 * softcap * LOG2E) * r_at(k)),
-                          jnp.zeros((R, C), f32))
-    lse = softcap + jnp.log(jnp.sum(total, axis=1))
-    lse_ref[...] = lse
-    if not d_ref:
-        return
-    t, wt = t_ref[...], wt_ref[...].astype(f32)
-
-    def grad_tile(k, carry):  # (softmax - onehot) x softcap' x the row's weight
-        r = r_at(k)
-        onehot = (k * C + lax.broadcasted_iota(jnp.int32, (R, C), 1)) == t[:, None]
-        d = _approx("ex2", (softcap * (1 - 2 * r) - lse[:, None]) * LOG2E) - jnp.where(onehot, 1.0, 0.0)
-        d_ref[0][:, pl.ds(k * C, C)] = (d * (4 * r * (1 - r)) * wt[:, None]).astype(d_ref[0].dtype)
-        return carry
-
-    lax.fori_loop(0, V // C, grad_tile, 0)
+    total = lax.fori_loop(0, V // C, tile, jnp.zeros((R, C), f32))
+    sum_ref[...] = jnp.sum(total, axis=1)
 
 
-@per_device(in_dims=(0, 0, 0), out_dims=0)
-def _ce_call(raw_NxV, targets_N, weights_N, *, softcap, grads):
+@per_device(in_dims=(0,), out_dims=0)
+def _ce_call(raw_NxV, *, softcap, grads):
     N, V = raw_NxV.shape
     row = pl.BlockSpec((CE_ROWS,), lambda i: (i,))
     full = pl.BlockSpec((CE_ROWS, V), lambda i: (i, 0))
     out_shape = [jax.ShapeDtypeStruct((N,), jnp.float32)] + [jax.ShapeDtypeStruct((N, V), raw_NxV.dtype)] * grads
-    return _pallas_call(functools.partial(_ce_kernel, softcap=softcap), (N // CE_ROWS,), [full, row, row],
-                        [row] + [full] * grads, out_shape, num_warps=8, num_stages=3)(raw_NxV, targets_N, weights_N)
+    return _pallas_call(functools.partial(_ce_kernel, softcap=softcap), (N // CE_ROWS,), [full],
+                        [row] + [full] * grads, out_shape, num_warps=8, num_stages=3)(raw_NxV)
 
 
-def logsumexp_and_grad(raw_NxV, targets_N, weights_N, softcap: float, grads: bool):
-    """(lse (N,) fp32 of softcap * tanh(raw / softcap), and d(sum of weights x cross-entropy)/d(raw) (N, V)
-    in raw's dtype, or None without grads). Targets of -1 must have weight 0 (their one-hot is empty)."""
-    out = _ce_call(raw_NxV, targets_N, weights_N, softcap=softcap, grads=grads)
+def softcap_sum_and_scores(raw_NxV, softcap: float, grads: bool):
+    """(S (N,) fp32, the sum of e^(softcapped - softcap) with softcapped = softcap * tanh(raw / softcap), and
+    the scores e^(softcapped - softcap) x softcap'(raw) (N, V) in raw's dtype, or None without grads):
+    model._softcap_sum_and_scores in one pass."""
+    out = _ce_call(raw_NxV, softcap=softcap, grads=grads)
     return out[0], (out[1] if grads else None)
 
 

@@ -442,19 +442,24 @@ def _chunks(a, chunk, fill):
     return jnp.pad(a, pad, constant_values=fill).reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
 
-def _softcap_lse_and_grad(raw, t, wt, acc, dtype, grads):
-    """logsumexp of softcap(raw) over the last axis and d(sum of wt x cross-entropy)/d(raw) (None without
-    grads). softcap(raw) = SOFTCAP (1 - 2r) and softcap'(raw) = 4 r (1 - r) with r = 1 / (1 + e^(2 raw /
-    SOFTCAP)): one exponential and one division per logit, where tanh and its derivative cost several
-    (these passes over the 65,536-way logits are bound by the transcendentals, not by memory); e^.. = inf
-    gives r = 0. The softcapped logits are <= SOFTCAP: a safe logsumexp shift, so one pass, no max."""
+def _softcap_sum_and_scores(raw, acc, dtype, grads):
+    """S = the sum of e^(softcap(raw) - SOFTCAP) over the last axis (logsumexp = SOFTCAP + log S), and (with
+    grads) the scores e^(softcap(raw) - SOFTCAP) x softcap'(raw) in `dtype` (None without grads): one pass
+    over the logits, as kernels.softcap_sum_and_scores.
+    softcap(raw) = SOFTCAP (1 - 2r) and softcap'(raw) = 4 r (1 - r) with r = 1 / (1 + e^(2 raw / SOFTCAP)):
+    one exponential and one division per logit, where tanh and its derivative cost several; e^.. = inf gives
+    r = 0. The softcapped logits are <= SOFTCAP: a safe logsumexp shift, so no max."""
     r = 1 / (1 + jnp.exp(raw.astype(acc) * (2 / SOFTCAP)))
-    lse = SOFTCAP + jnp.log(jnp.sum(jnp.exp(-2 * SOFTCAP * r), axis=-1))
-    if not grads:
-        return lse, None
-    # d loss / d softcapped logit = softmax - onehot, times softcap' and the token's weight
-    d = jnp.exp(SOFTCAP * (1 - 2 * r) - lse[..., None]) - jax.nn.one_hot(t, raw.shape[-1], dtype=acc)
-    return lse, (d * (4 * r * (1 - r)) * wt[..., None]).astype(dtype)
+    e = jnp.exp(-2 * SOFTCAP * r)  # e^(softcap(raw) - SOFTCAP)
+    return jnp.sum(e, axis=-1), (e * (4 * r * (1 - r))).astype(dtype) if grads else None
+
+
+def _with_target_term(scores, raw_t, t0, S):
+    """The scores with each row's target entry t0 replaced by softcap'(raw_t) (e_t - S): then wt / S x the result is d(wt x cross-entropy)/d(raw) = wt (softmax - onehot) softcap'. (A row whose
+    target is -1 has weight 0; its entry at column 0 is overwritten, harmlessly.)"""
+    r = 1 / (1 + jnp.exp(raw_t * (2 / SOFTCAP)))
+    value = 4 * r * (1 - r) * (jnp.exp(-2 * SOFTCAP * r) - S)
+    return scores.at[(*jnp.indices(t0.shape, sparse=True), t0)].set(value.astype(scores.dtype), unique_indices=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -465,9 +470,12 @@ def _fused_ce(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, use_p
 
     Differentiated, the forward pass also computes the gradients (the loss is a weighted sum, so its
     cotangent is one scalar that the backward pass only multiplies in): each chunk's logits come from
-    one GEMM and are read twice (logsumexp, then d(logits)), and the LM-head GEMM is not recomputed
-    in the backward pass (a d20 step saved ~15 ms on an H100). XLA's own differentiation of softcap +
-    logsumexp made ~8 fp32 passes over the logits. use_pallas: those two reads as one Pallas kernel."""
+    one GEMM and are read once, and the LM-head GEMM is not recomputed in the backward pass (a d20 step
+    saved ~15 ms on an H100). That one pass writes the scores e^(softcap - SOFTCAP) softcap' while it sums
+    the exponentials, before the logsumexp is known; each row's 1 / S and weight then scale the two GEMMs'
+    (rows, D) sides (dx's output, x for dw), and the target's term is one entry a row. XLA's own
+    differentiation of softcap + logsumexp made ~8 fp32 passes over the logits. use_pallas: the pass as a
+    Pallas kernel."""
     (total, losses), _ = _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, use_pallas,
                                        grads=False)
     return total, losses
@@ -482,17 +490,21 @@ def _fused_ce_fwd(x_BxTxD, kernel_DxV, targets_BxT, weights_BxT, chunk, dtype, u
     def one(dw, xtw):
         x, t, wt = xtw
         raw = matmul(x, w, dtype)  # the GEMM's compute-dtype output is all that is stored
-        picked = softcap(jnp.take_along_axis(raw, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0].astype(acc))
+        t0 = jnp.maximum(t, 0)
+        raw_t = jnp.take_along_axis(raw, t0[..., None], axis=-1)[..., 0].astype(acc)
         if use_pallas and pallas.ce_supported(t.size, V):
-            lse, d = pallas.logsumexp_and_grad(raw.reshape(-1, V), t.reshape(-1), wt.reshape(-1), SOFTCAP, grads)
-            lse, d = lse.reshape(t.shape), d if d is None else d.reshape(raw.shape)
+            S, scores = pallas.softcap_sum_and_scores(raw.reshape(-1, V), SOFTCAP, grads)
+            S, scores = S.reshape(t.shape), scores if scores is None else scores.reshape(raw.shape)
         else:
-            lse, d = _softcap_lse_and_grad(raw, t, wt, acc, dtype, grads)
-        losses = jnp.where(t != -1, lse - picked, 0.0)
+            S, scores = _softcap_sum_and_scores(raw, acc, dtype, grads)
+        losses = jnp.where(t != -1, SOFTCAP + jnp.log(S) - softcap(raw_t), 0.0)
         if not grads:
             return dw, (losses, None)
-        dx = lax.dot_general(d, w, (((2,), (1,)), ((), ())), preferred_element_type=x.dtype)
-        dw = dw + lax.dot_general(x.astype(dtype), d, (((0, 1), (0, 1)), ((), ())), preferred_element_type=dw.dtype)
+        d = _with_target_term(scores, raw_t, t0, S)  # d(loss)/d(raw) = scale x d
+        scale = (wt / S)[..., None]
+        dx = (lax.dot_general(d, w, (((2,), (1,)), ((), ())), preferred_element_type=x.dtype) * scale).astype(x.dtype)
+        dw = dw + lax.dot_general((x * scale).astype(dtype), d, (((0, 1), (0, 1)), ((), ())),
+                                  preferred_element_type=dw.dtype)
         return dw, (losses, dx)
 
     dw0 = jnp.zeros(kernel_DxV.shape, kernel_DxV.dtype) if grads else None
