@@ -442,24 +442,29 @@ def _chunks(a, chunk, fill):
     return jnp.pad(a, pad, constant_values=fill).reshape(B, n, chunk, *a.shape[2:]).swapaxes(0, 1)
 
 
+def _softcap_terms(raw):
+    """(e^(softcap(raw) - SOFTCAP), softcap'(raw)). softcap(raw) = SOFTCAP (1 - 2r) and softcap'(raw) = 4 r (1 - r)
+    with r = 1 / (1 + e^(2 raw / SOFTCAP)): one exponential and one division, where tanh and its derivative
+    cost several; e^.. = inf gives r = 0. The softcapped logits are <= SOFTCAP: a safe shift, so no max."""
+    r = 1 / (1 + jnp.exp(raw * (2 / SOFTCAP)))
+    return jnp.exp(-2 * SOFTCAP * r), 4 * r * (1 - r)
+
+
 def _softcap_sum_and_scores(raw, acc, dtype, grads):
     """S = the sum of e^(softcap(raw) - SOFTCAP) over the last axis (logsumexp = SOFTCAP + log S), and (with
     grads) the scores e^(softcap(raw) - SOFTCAP) x softcap'(raw) in `dtype` (None without grads): one pass
-    over the logits, as kernels.softcap_sum_and_scores.
-    softcap(raw) = SOFTCAP (1 - 2r) and softcap'(raw) = 4 r (1 - r) with r = 1 / (1 + e^(2 raw / SOFTCAP)):
-    one exponential and one division per logit, where tanh and its derivative cost several; e^.. = inf gives
-    r = 0. The softcapped logits are <= SOFTCAP: a safe logsumexp shift, so no max."""
-    r = 1 / (1 + jnp.exp(raw.astype(acc) * (2 / SOFTCAP)))
-    e = jnp.exp(-2 * SOFTCAP * r)  # e^(softcap(raw) - SOFTCAP)
-    return jnp.sum(e, axis=-1), (e * (4 * r * (1 - r))).astype(dtype) if grads else None
+    over the logits, as kernels.softcap_sum_and_scores."""
+    e, slope = _softcap_terms(raw.astype(acc))
+    return jnp.sum(e, axis=-1), (e * slope).astype(dtype) if grads else None
 
 
 def _with_target_term(scores, raw_t, t0, S):
-    """The scores with each row's target entry t0 replaced by softcap'(raw_t) (e_t - S): then wt / S x the result is d(wt x cross-entropy)/d(raw) = wt (softmax - onehot) softcap'. (A row whose
-    target is -1 has weight 0; its entry at column 0 is overwritten, harmlessly.)"""
-    r = 1 / (1 + jnp.exp(raw_t * (2 / SOFTCAP)))
-    value = 4 * r * (1 - r) * (jnp.exp(-2 * SOFTCAP * r) - S)
-    return scores.at[(*jnp.indices(t0.shape, sparse=True), t0)].set(value.astype(scores.dtype), unique_indices=True)
+    """The scores with each row's target entry t0 replaced by softcap'(raw_t) (e_t - S): then wt / S times
+    the result is d(wt x cross-entropy)/d(raw) = wt (softmax - onehot) softcap'. (A row whose target is -1
+    has weight 0; its entry at column 0 is overwritten, harmlessly.)"""
+    e_t, slope_t = _softcap_terms(raw_t)
+    value = (slope_t * (e_t - S)).astype(scores.dtype)
+    return scores.at[(*jnp.indices(t0.shape, sparse=True), t0)].set(value, unique_indices=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
