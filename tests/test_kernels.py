@@ -101,8 +101,8 @@ def test_add_rms_norm_kernel_matches_xla_values_and_gradients(dtype, d_model):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cross_entropy_kernel_matches_xla(dtype):
-    """The sum of e^(softcapped - c) and the scores e^(softcapped - c) softcap' over 2 x 16 rows of a 2,048-way vocabulary (two
-    column tiles), with large raw logits (the softcap saturates)."""
+    """The sum of e^(softcapped - c) and the scores e^(softcapped - c) softcap' over 2 x 16 rows of a
+    2,048-way vocabulary (two column tiles), with large raw logits (the softcap saturates)."""
     N, V = 32, 2048
     raw = (20 * jax.random.normal(jax.random.key(0), (N, V))).astype(dtype)
     want = M._softcap_sum_and_scores(raw, jnp.float32, dtype, True)
