@@ -53,10 +53,10 @@ def _ns_polynomial(A):
 GRAM_SEGMENT = 3
 
 
-def _scaled(m, scale):
-    """m * scale in m's dtype (scale: fp32, one per matrix). Not via fp32: XLA may fold an upcast of
-    a GEMM's output into the GEMM, so the rounding would depend on how the compiler fused it."""
-    return m * scale.astype(m.dtype)
+def _scaled(m, scale, power=1):
+    """m * scale^power in m's dtype (scale: fp32, one per matrix; None: m as is). Not via fp32: XLA may
+    fold an upcast of a GEMM's output into the GEMM, so the rounding would depend on how it fused."""
+    return m if scale is None else m * (scale ** power).astype(m.dtype)
 
 
 def _newton_schulz_gram(x, steps, inv_norm):
@@ -67,15 +67,13 @@ def _newton_schulz_gram(x, steps, inv_norm):
     `x` is not normalised: x / |x| = inv_norm x enters as A_0 = inv_norm^2 x x^T and Q_0 = inv_norm P_0."""
     for start in range(0, steps, GRAM_SEGMENT):
         seg = min(GRAM_SEGMENT, steps - start)
-        A, Q = _gram(x), None
-        if start == 0:
-            A = _scaled(A, inv_norm * inv_norm)
+        A, Q = _scaled(_gram(x), inv_norm, 2), None
         for k in range(seg):
             P = _ns_polynomial(A)
-            Q = (_scaled(P, inv_norm) if start == 0 else P) if Q is None else P @ Q
+            Q = _scaled(P, inv_norm) if Q is None else P @ Q
             if k + 1 < seg:
                 A = P @ (A @ P)
-        x = Q @ x
+        x, inv_norm = Q @ x, None  # normalised from here on
     return x
 
 
@@ -98,10 +96,8 @@ def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
     if x.shape[-1] > 1.5 * x.shape[-2]:  # where the Gram form takes fewer FLOPs (see its docstring)
         x = _newton_schulz_gram(x, ns_steps, inv_norm)
     else:
-        for k in range(ns_steps):
-            A = _gram(x)
-            P = _ns_polynomial(_scaled(A, inv_norm * inv_norm) if k == 0 else A)
-            x = (_scaled(P, inv_norm) if k == 0 else P) @ x
+        for _ in range(ns_steps):
+            x, inv_norm = _scaled(_ns_polynomial(_scaled(_gram(x), inv_norm, 2)), inv_norm) @ x, None
     return x if wide else jnp.swapaxes(x, -1, -2)
 
 
