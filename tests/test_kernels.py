@@ -146,3 +146,15 @@ def test_kernels_run_on_each_devices_rows_of_a_mesh(fsdp):
     assert results["pallas"][0] == pytest.approx(results["xla"][0], rel=1e-6)
     for a, b in zip(jax.tree.leaves(results["xla"][2]), jax.tree.leaves(results["pallas"][2])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("m_tiles,n_tiles", [(256, 26), (40, 3), (7, 20), (1, 1)])
+def test_fused_matmul_tile_order_covers_every_tile_once(m_tiles, n_tiles):
+    """The fused MLP kernels (GPU-only) give CTA t the tile _tile_of(t): every tile exactly once, the last
+    group of rows short where the groups do not divide them, and the first CTAs on 16 rows of x."""
+    from nanochat_jax import fused_matmul
+    t = jnp.arange(m_tiles * n_tiles)
+    m, n = (np.asarray(v) for v in fused_matmul._tile_of(t, m_tiles, n_tiles, fused_matmul.GROUP_ROWS))
+    assert sorted(zip(m.tolist(), n.tolist())) == [(i, j) for i in range(m_tiles) for j in range(n_tiles)]
+    first = min(m_tiles, fused_matmul.GROUP_ROWS) * min(n_tiles, 8)
+    assert len(set(m[:first].tolist())) == min(m_tiles, fused_matmul.GROUP_ROWS)
