@@ -1,5 +1,6 @@
 """The Pallas kernels (RoPE + QK-norm, the loss's element-wise work): the same values and gradients as
-the XLA path, alone and inside the whole model. On CPU Pallas interprets the kernels; on the GPU machine
+the XLA path, alone and inside the whole model; and the order in which the fused MLP kernels (Hopper only)
+walk their output tiles. On CPU Pallas interprets the kernels; on the GPU machine
 the same tests compile them with Triton (`JAX_PLATFORMS=cuda python -m pytest -q tests/test_kernels.py`)."""
 import dataclasses
 
