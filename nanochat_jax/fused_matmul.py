@@ -51,7 +51,7 @@ def supported(rows: int, d_in: int, d_out: int, dtype) -> bool:
     return rows % (TILE_M * row_shards()) == 0 and d_in % TILE_K == 0 and d_out % (2 * TILE_N) == 0
 
 
-def _swizzled():
+def swizzled():
     return plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)  # 64 bf16 = one 128-byte row
 
 
@@ -105,8 +105,8 @@ def _kernel(x_gmem, w_gmem, a_gmem, out_gmem, out_smem, a_ready, *, epilogue):
 
     plgpu.emit_pipeline_warp_specialized(
         step, grid=(x_gmem.shape[1] // TILE_K,),
-        in_specs=[plgpu.BlockSpec((TILE_M, TILE_K), lambda k: (m, k), transforms=_swizzled()),
-                  plgpu.BlockSpec((TILE_K, 2 * TILE_N), lambda k: (k, n), transforms=_swizzled())],
+        in_specs=[plgpu.BlockSpec((TILE_M, TILE_K), lambda k: (m, k), transforms=swizzled()),
+                  plgpu.BlockSpec((TILE_K, 2 * TILE_N), lambda k: (k, n), transforms=swizzled())],
         compute_context=compute, max_concurrent_steps=STAGES, num_compute_wgs=2, memory_registers=40,
         wg_axis="wg")(x_gmem, w_gmem)
 
@@ -120,7 +120,7 @@ def _gemm(epilogue, x_MxK, w_KxN, a_MxN=None):
 
     def kernel(*refs):
         x_gmem, w_gmem, a_gmem, out_gmem = refs if a_MxN is not None else (refs[0], refs[1], None, refs[2])
-        scratch = [plgpu.SMEM((2, TILE_M, TILE_N), x_MxK.dtype, transforms=_swizzled())]  # shared by the WGs
+        scratch = [plgpu.SMEM((2, TILE_M, TILE_N), x_MxK.dtype, transforms=swizzled())]  # shared by the WGs
         scratch += [plgpu.Barrier(num_barriers=2)] if a_MxN is not None else []
         pl.run_scoped(lambda out_smem, a_ready=None: _kernel(x_gmem, w_gmem, a_gmem, out_gmem, out_smem, a_ready,
                                                              epilogue=epilogue), *scratch, collective_axes="wg")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from nanochat_jax import sharding
+from nanochat_jax.sym_matmul import gram, symmetric_product
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so five
 # steps push the singular values of a Gaussian matrix into about [0.57, 1.19], not exactly to 1.
@@ -32,18 +33,21 @@ def _add_to_diagonal(m, value):
     return m.at[..., i, i].add(jnp.asarray(value, m.dtype))
 
 
-def _gram(x):
-    return x @ jnp.swapaxes(x, -1, -2)
+# x x^T and Y Y for a Y = x x^T + beta I are symmetric, bitwise (each entry and its mirror are sums of the
+# same products): on a Hopper sym_matmul computes only their upper triangle (d26: 58% of their multiply-adds).
+# The Gram iteration's later products are symmetric only in exact arithmetic: with their mirrored upper
+# triangles (and Y Y^T for Y Y) the bf16 iteration diverged on decaying spectra (128 x 512, 1/k singular
+# values: 6e4 from float64), so XLA computes all of them.
 
 
-def _ns_polynomial(A):
+def _ns_polynomial(A, square=symmetric_product):
     """a I + b A + c A^2 with the square completed: c (A + beta I)^2 + gamma I. The identity terms are
     then diagonal updates of GEMM outputs that nothing else reads, done in place (the b I + c A operand
     and the a I + ... sum were two passes over each (m, m) matrix): d26 Muon 64.2 -> 57.5 ms on an H100.
     It also rounds better in bf16: 0.022 from fp32 NS where the plain form is 0.029."""
     a, b, c = NS_COEFFS
     Y = _add_to_diagonal(A, b / (2 * c))
-    return _add_to_diagonal(c * (Y @ Y), a - b * b / (4 * c))
+    return _add_to_diagonal(c * square(Y, Y), a - b * b / (4 * c))
 
 
 # Gram Newton-Schulz recomputes A = x x^T from x every this many steps: between restarts bf16 rounding
@@ -67,9 +71,9 @@ def _newton_schulz_gram(x, steps, inv_norm):
     `x` is not normalised: x / |x| = inv_norm x enters as A_0 = inv_norm^2 x x^T and Q_0 = inv_norm P_0."""
     for start in range(0, steps, GRAM_SEGMENT):
         seg = min(GRAM_SEGMENT, steps - start)
-        A, Q = _scaled(_gram(x), inv_norm, 2), None
+        A, Q = _scaled(gram(x), inv_norm, 2), None
         for k in range(seg):
-            P = _ns_polynomial(A)
+            P = _ns_polynomial(A, symmetric_product if k == 0 else jnp.matmul)  # (A exactly symmetric at k = 0)
             Q = _scaled(P, inv_norm) if Q is None else P @ Q
             if k + 1 < seg:
                 A = P @ (A @ P)
@@ -97,7 +101,7 @@ def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
         x = _newton_schulz_gram(x, ns_steps, inv_norm)
     else:
         for _ in range(ns_steps):
-            x, inv_norm = _scaled(_ns_polynomial(_scaled(_gram(x), inv_norm, 2)), inv_norm) @ x, None
+            x, inv_norm = _scaled(_ns_polynomial(_scaled(gram(x), inv_norm, 2)), inv_norm) @ x, None
     return x if wide else jnp.swapaxes(x, -1, -2)
 
 
