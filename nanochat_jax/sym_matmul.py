@@ -1,8 +1,8 @@
 """Products whose result is symmetric, for Muon's Newton-Schulz: gram(x) = x x^T, and symmetric_product(a, b)
 = a b for an exactly symmetric b (Muon: Y Y). Both are a b^T with both operands read by rows, which is
-what the kernel computes. On a Hopper GPU in bf16 a Mosaic GPU kernel computes only the output tiles on and above the diagonal
-and writes each off-diagonal one twice, as itself and transposed: 58% of the multiply-adds at d26's 1,664
-(13 tiles a side), 60% at d20's 1,280. Elsewhere XLA computes the whole product.
+what the kernel computes. On a Hopper GPU in bf16 a Mosaic GPU kernel computes only the output tiles on
+and above the diagonal and writes each off-diagonal one twice, as itself and transposed: 58% of the
+multiply-adds at d26's 1,664 (13 tiles a side), 60% at d20's 1,280. Elsewhere XLA computes all of it.
 
 One CTA per block of 256 rows (row tiles 2R and 2R + 1) by one column tile c, for R <= c / 2: the blocks
 that touch the upper triangle. Each of two compute warpgroups accumulates one 128 x 128 tile in fp32 over
