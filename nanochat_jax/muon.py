@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from nanochat_jax import sharding
-from nanochat_jax.sym_matmul import gram, symmetric_product
+from nanochat_jax.sym_matmul import gram, symmetric_square
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so five
 # steps push the singular values of a Gaussian matrix into about [0.57, 1.19], not exactly to 1.
@@ -33,21 +33,22 @@ def _add_to_diagonal(m, value):
     return m.at[..., i, i].add(jnp.asarray(value, m.dtype))
 
 
-# x x^T and Y Y for a Y = x x^T + beta I are symmetric, bitwise (each entry and its mirror are sums of the
-# same products): on a Hopper sym_matmul computes only their upper triangle (d26: 58% of their multiply-adds).
-# The Gram iteration's later products are symmetric only in exact arithmetic: with their mirrored upper
-# triangles (and Y Y^T for Y Y) the bf16 iteration diverged on decaying spectra (128 x 512, 1/k singular
-# values: 6e4 from float64), so XLA computes all of them.
+# x x^T and Y Y for Y = x x^T + beta I are symmetric bitwise: on a Hopper sym_matmul computes only their upper
+# triangle (d26: 58% of their multiply-adds). The Gram iteration's later products are symmetric only in exact
+# arithmetic: with their mirrored upper triangles (and Y Y^T for Y Y) the bf16 iteration diverged on decaying
+# spectra (128 x 512, 1/k singular values: 6e4 from float64), so XLA computes all of them.
 
 
-def _ns_polynomial(A, square=symmetric_product):
+def _ns_polynomial(A, exactly_symmetric=True):
     """a I + b A + c A^2 with the square completed: c (A + beta I)^2 + gamma I. The identity terms are
     then diagonal updates of GEMM outputs that nothing else reads, done in place (the b I + c A operand
     and the a I + ... sum were two passes over each (m, m) matrix): d26 Muon 64.2 -> 57.5 ms on an H100.
-    It also rounds better in bf16: 0.022 from fp32 NS where the plain form is 0.029."""
+    It also rounds better in bf16: 0.022 from fp32 NS where the plain form is 0.029. exactly_symmetric:
+    A is a scaled x x^T (symmetric bitwise), so Y Y may use sym_matmul's kernel."""
     a, b, c = NS_COEFFS
     Y = _add_to_diagonal(A, b / (2 * c))
-    return _add_to_diagonal(c * square(Y, Y), a - b * b / (4 * c))
+    square = symmetric_square(Y) if exactly_symmetric else Y @ Y
+    return _add_to_diagonal(c * square, a - b * b / (4 * c))
 
 
 # Gram Newton-Schulz recomputes A = x x^T from x every this many steps: between restarts bf16 rounding
@@ -73,7 +74,7 @@ def _newton_schulz_gram(x, steps, inv_norm):
         seg = min(GRAM_SEGMENT, steps - start)
         A, Q = _scaled(gram(x), inv_norm, 2), None
         for k in range(seg):
-            P = _ns_polynomial(A, symmetric_product if k == 0 else jnp.matmul)  # (A exactly symmetric at k = 0)
+            P = _ns_polynomial(A, exactly_symmetric=k == 0)
             Q = _scaled(P, inv_norm) if Q is None else P @ Q
             if k + 1 < seg:
                 A = P @ (A @ P)

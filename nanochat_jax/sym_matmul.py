@@ -1,12 +1,13 @@
-"""Products whose result is symmetric, for Muon's Newton-Schulz: gram(x) = x x^T, and symmetric_product(a, b)
-= a b for an exactly symmetric b (Muon: Y Y). Both are a b^T with both operands read by rows, which is
-what the kernel computes. On a Hopper GPU in bf16 a Mosaic GPU kernel computes only the output tiles on
-and above the diagonal and writes each off-diagonal one twice, as itself and transposed: 58% of the
-multiply-adds at d26's 1,664 (13 tiles a side), 60% at d20's 1,280. Elsewhere XLA computes all of it.
+"""Muon's symmetric products: gram(x) = x x^T, and symmetric_square(y) = y y for an exactly symmetric y (then
+y y = y y^T). Both are x x^T of one operand read by rows: an entry and its mirror are sums of the same
+products, so the result is symmetric bitwise. On a Hopper GPU in bf16 a Mosaic GPU kernel computes only
+the output tiles on and above the diagonal and writes each off-diagonal one twice, as itself and
+transposed: 58% of the multiply-adds at d26's 1,664 (13 tiles a side), 60% at d20's 1,280. Elsewhere XLA
+computes the whole product.
 
 One CTA per block of 256 rows (row tiles 2R and 2R + 1) by one column tile c, for R <= c / 2: the blocks
 that touch the upper triangle. Each of two compute warpgroups accumulates one 128 x 128 tile in fp32 over
-64-wide K slices (3 pipeline stages, both operands K-major, so b's tile is read transposed) and stores it,
+64-wide K slices (3 pipeline stages; the column tile's rows are read transposed) and stores it,
 rounded once to bf16, if it is on or above the diagonal, then its transpose below. A row tile past the end
 (13 tiles: the last block's second) reads zeros (TMA fills out-of-bounds rows) and stores nothing. The
 stack's matrices run one after another on a one-dimensional grid: with a (tile, layer) grid the CTAs were
@@ -34,6 +35,10 @@ def _blocks_per_column(n: int) -> list[int]:
     return [c // 2 + 1 for c in range(n)]
 
 
+def blocks_per_matrix(n: int) -> int:
+    return sum(_blocks_per_column(n))
+
+
 def block_of(t, n: int):
     """(R, c) of CTA t of one matrix with n tiles a side: column by column, rows within a column."""
     starts = [0]
@@ -47,13 +52,12 @@ def block_of(t, n: int):
     return t - first, c
 
 
-def _kernel(a_gmem, b_gmem, out_gmem, o_smem):
+def _kernel(x_gmem, out_gmem, o_smem):
     wg = lax.axis_index("wg")
-    n = a_gmem.shape[1] // TILE
-    per_matrix = sum(_blocks_per_column(n))
-    g = lax.axis_index("t")
-    R, c = block_of(g % per_matrix, n)
-    a, b, out = a_gmem.at[g // per_matrix], b_gmem.at[g // per_matrix], out_gmem.at[g // per_matrix]
+    n = x_gmem.shape[1] // TILE
+    layer, t = divmod(lax.axis_index("t"), blocks_per_matrix(n))
+    R, c = block_of(t, n)
+    x, out = x_gmem.at[layer], out_gmem.at[layer]
     rt = 2 * R + wg  # this warpgroup's row tile
 
     def compute(pipeline):
@@ -75,49 +79,47 @@ def _kernel(a_gmem, b_gmem, out_gmem, o_smem):
 
         plgpu.wait_smem_to_gmem(0)
 
-    def step(_, a_smem, b_smem, acc):
+    def step(_, rows_smem, cols_smem, acc):
         def mma(acc_ref):
-            plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * TILE, TILE)], b_smem.transpose((1, 0)))
+            plgpu.wgmma(acc_ref, rows_smem.at[pl.ds(wg * TILE, TILE)], cols_smem.transpose((1, 0)))
         return pl.run_state(mma)(plgpu.ACC.init(acc))
 
     plgpu.emit_pipeline_warp_specialized(
-        step, grid=(a.shape[1] // TILE_K,),
+        step, grid=(x.shape[1] // TILE_K,),
         in_specs=[plgpu.BlockSpec((2 * TILE, TILE_K), lambda k: (R, k), transforms=swizzled()),
                   plgpu.BlockSpec((TILE, TILE_K), lambda k: (c, k), transforms=swizzled())],
         compute_context=compute, max_concurrent_steps=STAGES, num_compute_wgs=2, memory_registers=40,
-        wg_axis="wg")(a, b)
+        wg_axis="wg")(x, x)
 
 
 @jax.jit
-def _stack_gemm(a_LxMxK, b_LxMxK):
-    L, M, _ = a_LxMxK.shape
+def _stack_gram(x_LxMxK):
+    L, M, _ = x_LxMxK.shape
 
-    def kernel(a_gmem, b_gmem, out_gmem):
-        pl.run_scoped(lambda o_smem: _kernel(a_gmem, b_gmem, out_gmem, o_smem),
-                      plgpu.SMEM((2, TILE, TILE), a_LxMxK.dtype, transforms=swizzled()), collective_axes="wg")
+    def kernel(x_gmem, out_gmem):
+        pl.run_scoped(lambda o_smem: _kernel(x_gmem, out_gmem, o_smem),
+                      plgpu.SMEM((2, TILE, TILE), x_LxMxK.dtype, transforms=swizzled()), collective_axes="wg")
 
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((L, M, M), a_LxMxK.dtype),
-                        grid=(L * sum(_blocks_per_column(M // TILE)),), grid_names=("t",), num_threads=3,
-                        thread_name="wg")(a_LxMxK, b_LxMxK)
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((L, M, M), x_LxMxK.dtype),
+                        grid=(L * blocks_per_matrix(M // TILE),), grid_names=("t",), num_threads=3,
+                        thread_name="wg")(x_LxMxK)
 
 
-def _upper_and_mirror(a, b):
-    *lead, m, k = a.shape
-    return _stack_gemm(a.reshape(-1, m, k), b.reshape(-1, m, k)).reshape(*lead, m, m)
+def _kernel_gram(x):
+    """x x^T by the kernel where it runs (a (..., m, k) stack, batched over the leading axes), else None."""
+    *lead, m, k = x.shape
+    if not supported(m, k, x.dtype):
+        return None
+    return _stack_gram(x.reshape(-1, m, k)).reshape(*lead, m, m)
 
 
 def gram(x):
     """x @ x^T over the last two axes of a (..., m, k) stack, in x's dtype."""
-    if supported(x.shape[-2], x.shape[-1], x.dtype):
-        return _upper_and_mirror(x, x)
-    return x @ jnp.swapaxes(x, -1, -2)
+    out = _kernel_gram(x)
+    return x @ jnp.swapaxes(x, -1, -2) if out is None else out
 
 
-def symmetric_product(a, b):
-    """a @ b over the last two axes of (..., m, m) stacks, in a's dtype, for a b the caller knows to be exactly
-    symmetric (the kernel reads its rows as columns) and a symmetric a b (the kernel mirrors its upper
-    triangle; XLA, where it runs, computes all of it). Only for a = b = Y is a b symmetric bitwise: for
-    matrices that merely commute the mirror differs from XLA's product by rounding."""
-    if supported(a.shape[-2], a.shape[-1], a.dtype):
-        return _upper_and_mirror(a, b)
-    return a @ b
+def symmetric_square(y):
+    """y @ y over the last two axes of a (..., m, m) stack of exactly symmetric matrices, in y's dtype."""
+    out = _kernel_gram(y)
+    return y @ y if out is None else out

@@ -163,12 +163,12 @@ def test_fused_matmul_tile_order_covers_every_tile_once(m_tiles, n_tiles):
 
 @pytest.mark.parametrize("n", [1, 2, 10, 13])
 def test_symmetric_product_blocks_cover_the_upper_triangle_once(n):
-    """Muon's symmetric-product kernel (GPU-only) gives CTA t the block block_of(t) of two row tiles by one
+    """Muon's symmetric-product kernel (sym_matmul, GPU-only) gives CTA t the block block_of(t) of two row tiles by one
     column tile: together the blocks hold every tile on or above the diagonal exactly once, and no block
     lies wholly below it (row tiles past n only in the last block, when n is odd)."""
     from nanochat_jax import sym_matmul
-    per_matrix = sum(c // 2 + 1 for c in range(n))
-    R, c = (a.tolist() for a in np.broadcast_arrays(*sym_matmul.block_of(jnp.arange(per_matrix), n)))
+    t = jnp.arange(sym_matmul.blocks_per_matrix(n))
+    R, c = (a.tolist() for a in np.broadcast_arrays(*sym_matmul.block_of(t, n)))
     tiles = [(2 * r + w, col) for r, col in zip(R, c) for w in (0, 1)]
     assert sorted(t for t in tiles if t[0] <= t[1]) == [(i, j) for i in range(n) for j in range(i, n)]
     assert all(2 * r <= col for r, col in zip(R, c))
