@@ -95,12 +95,73 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
 
-    # --- which stages run_pipeline.py runs, in SPEC order ---
-    c.stages = "tokenizer,base"
+    # --- midtraining (STAGES.md §2): from base, packed rows of the chat mixture, one epoch ---
+    c.mid = _chat_stage_section(c.train)
+    c.mid.mixture = ("smoltalk:train,mmlu:auxiliary_train,gsm8k:train,identity,identity,"
+                     "simple_spelling:train:200000,spelling_bee:train:80000")
+    c.mid.val_mixture = "smoltalk:test,mmlu:test:5200,gsm8k:test:420"
+    c.mid.supervise = "all"  # all (the reference trains on every token in mid) | assistant
+    c.mid.warmdown_ratio = 0.2  # LR 1 until 80% of the epoch, then linear to 0
+    c.mid.eval_every = 150
+
+    # --- SFT (STAGES.md §3): from mid, one padded, masked conversation per row ---
+    c.sft = _chat_stage_section(c.train)
+    c.sft.mixture = ("arc_easy:train,arc_challenge:train,gsm8k:train,smoltalk:train:10000,identity,"
+                     "simple_spelling:train:300,spelling_bee:train:300")
+    c.sft.val_mixture = "smoltalk:test"
+    c.sft.device_batch_size = 4  # conversations per device per micro-step
+    c.sft.total_batch_size = 32  # conversations per step (not tokens: rows are padded)
+    c.sft.init_lr_frac = 0.02
+    c.sft.warmdown_ratio = 1.0  # LR base x 0.02 x (1 - step/n)
+    c.sft.muon_momentum_start = 0.95
+    c.sft.eval_every = 100
+    c.sft.eval_tokens = 0  # SFT's val loss runs over val_conversations instead
+    c.sft.val_conversations = 1024
+    c.sft.mc_eval_every = 200  # MMLU / ARC-Easy accuracy (categorical)
+    c.sft.mc_eval_problems = 1024
+
+    # --- RL (STAGES.md §4), evals (§5), report and chat app (§7): sections filled by their stages ---
+    c.rl = ml_collections.ConfigDict()
+    c.eval = ml_collections.ConfigDict()
+    c.report = ml_collections.ConfigDict()
+    c.report.gpu_hour_price = 3.0  # $ per GPU-hour, for the report's cost line
+
+    # --- which stages run_pipeline.py runs, in pipeline order ---
+    c.stages = "tokenizer,base,base_eval,mid,sft,chat_eval,rl,rl_eval,report"
     return c
 
 
-KNOWN_STAGES = ("tokenizer", "base")  # later issues append mid, sft, rl, eval, ...
+def _chat_stage_section(train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A chat stage's training section: base training's fields (the loop reads the same ones), then
+    the chat recipe's differences: fresh optimiser, no weight decay or clipping, one epoch."""
+    s = ml_collections.ConfigDict(train.to_dict())
+    s.num_iterations = -1  # -1 = one epoch of the mixture
+    s.init_lr_frac = 1.0  # LR multiplier at step 0 (x the schedule)
+    s.weight_decay = 0.0
+    s.grad_clip = 0.0
+    s.warmup_ratio = 0.0
+    s.eval_tokens = 4 * 524_288
+    s.sample_every = 1_000_000
+    s.save_every = 500
+    s.mixture = ""
+    s.val_mixture = ""
+    return s
+
+
+# The pipeline in order: stage -> the module whose stage_done(config, stage) -> bool says its output is
+# complete and whose run_stage(config, stage) -> dict(outputs, metrics, report) runs it.
+STAGES = {
+    "tokenizer": "nanochat_jax.tokenizer",
+    "base": "nanochat_jax.train",
+    "base_eval": "evals.core",  # CORE of the base model
+    "mid": "nanochat_jax.chat_train",
+    "sft": "nanochat_jax.chat_train",
+    "chat_eval": "evals.chat_eval",  # the chat evals of the SFT model
+    "rl": "nanochat_jax.rl",
+    "rl_eval": "evals.chat_eval",  # the same evals of the RL model
+    "report": "nanochat_jax.report",
+}
+KNOWN_STAGES = tuple(STAGES)
 
 _CHOICES = {
     "model.compute_dtype": ("auto", "bfloat16", "float32"),
