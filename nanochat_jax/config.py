@@ -125,6 +125,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.report = ml_collections.ConfigDict()
     c.report.gpu_hour_price = 3.0  # $ per GPU-hour, for the report's cost line
+    # the Gradio chat (python -m nanochat_jax.chat_app); limits as the reference's web chat (STAGES.md §7)
+    c.chat = ml_collections.ConfigDict()
+    c.chat.temperature = 0.8  # the UI's defaults
+    c.chat.top_k = 50
+    c.chat.max_tokens = 512
+    c.chat.max_temperature = 2.0  # requests outside [0, max_temperature], [1, max_top_k], [1, max_max_tokens]
+    c.chat.max_top_k = 200  # are refused with a message
+    c.chat.max_max_tokens = 4096
+    c.chat.max_messages = 500  # in one conversation
+    c.chat.max_message_chars = 8000
+    c.chat.max_total_chars = 32000  # the whole conversation
+    c.chat.concurrency = 4  # replies generated at once by the one engine; the rest wait in the queue
+    c.chat.queue_size = 64  # requests waiting beyond this are turned away ("queue full")
+    c.chat.timeout_s = 120.0  # a reply stops after this long
+    c.chat.loaded_models = 2  # checkpoints kept in memory when users pick several
 
     # --- which stages run_pipeline.py runs, in pipeline order ---
     c.stages = "tokenizer,base,base_eval,mid,sft,chat_eval,rl,rl_eval,report"
@@ -183,6 +198,9 @@ _FRACTIONS = (
     "train.warmup_ratio", "train.warmdown_ratio", "train.final_lr_frac",
     "train.adam_b1", "train.adam_b2", "train.muon_momentum_start", "train.muon_momentum_end",
 )
+_POSITIVE += ("chat.top_k", "chat.max_tokens", "chat.max_top_k", "chat.max_max_tokens", "chat.max_messages",
+              "chat.max_message_chars", "chat.max_total_chars", "chat.concurrency", "chat.queue_size",
+              "chat.timeout_s", "chat.loaded_models")
 _NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "train.weight_decay", "train.grad_clip",
                  "train.muon_momentum_warmup_steps")
 
@@ -223,6 +241,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("data", "fsdp"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")
+    if c.report.gpu_hour_price < 0:
+        raise ConfigError(f"config.report.gpu_hour_price must be >= 0, got {c.report.gpu_hour_price}")
+    ch = c.chat
+    if not 0 <= ch.temperature <= ch.max_temperature:
+        raise ConfigError(f"config.chat.temperature must be in [0, chat.max_temperature={ch.max_temperature}], "
+                          f"got {ch.temperature}")
+    for key, bound in (("top_k", "max_top_k"), ("max_tokens", "max_max_tokens"), ("max_message_chars", "max_total_chars")):
+        if ch[key] > ch[bound]:
+            raise ConfigError(f"config.chat.{key}={ch[key]} must be <= config.chat.{bound}={ch[bound]}")
     stages = [s.strip() for s in c.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in KNOWN_STAGES]
     if unknown:
