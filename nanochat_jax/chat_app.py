@@ -147,6 +147,7 @@ def render_reply(model, reply: list[int]) -> list[dict]:
     messages = []
     for kind, ids in parts:
         text = model.tokenizer.decode(ids).rstrip("\ufffd")  # a split UTF-8 character waits for its rest
+        text = "".join(c for c in text if c.isprintable() or c in "\n\t")  # a weak model emits any byte
         if kind == "output" and messages and messages[-1].get("metadata"):
             messages[-1]["content"] += f" = `{text}`"
         elif kind != "text":

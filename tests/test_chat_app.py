@@ -267,7 +267,9 @@ def test_browser_end_to_end(app, tmp_path):
         assert _wait(lambda: server.stats["closed_early"] == closed + 1 and server.stats["active"] == 0)
         shown = bot.inner_text()
         time.sleep(0.5)
-        assert bot.inner_text() == shown  # no more text after the stop
+        assert bot.inner_text() == shown and len(shown) > 30  # what came stays; nothing comes after the stop
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+        expect(page.locator("#chatbot .message.bot")).to_have_count(2)
         page.screenshot(path=str(shot), full_page=True)
         # the report tab shows the run's report with its plots
         page.get_by_role("tab", name="Report").click()
