@@ -1,8 +1,7 @@
 """Latency of the Gradio chat for N simultaneous users (gradio_client over loopback).
 
-    python bench/chat_latency.py --base_dir runs/d20 --stage sft     # a real run (start the app yourself? no:
-                                                                      # this starts it, as its CLI does)
-    python bench/chat_latency.py                                      # a tiny random model (CPU smoke run)
+    python bench/chat_latency.py --base_dir runs/d20 --stage sft   # a real run's checkpoint
+    python bench/chat_latency.py                                    # a tiny random model (CPU smoke run)
 
 The app runs as `python -m nanochat_jax.chat_app` in a subprocess (its own process, as in use); N
 threads here each open their own gradio_client session at once and send one message. Per user:
@@ -24,9 +23,11 @@ import time
 import numpy as np
 
 
-def make_tiny_run(base_dir: str, sequence_len: int = 1024, stage: str = "sft", step: int = 5) -> str:
-    """A run directory with a tiny tokenizer and one random checkpoint that never emits a stop token
-    (random text until max_tokens or the context ends) -> the checkpoint's label."""
+def make_tiny_run(base_dir: str, sequence_len: int = 1024, stage: str = "sft", step: int = 5, depth: int = 1,
+                  compute_dtype: str = "float32") -> str:
+    """A run directory with a tiny tokenizer (300 tokens) and one random checkpoint of `depth` layers
+    (d_model 64 x depth; head_dim 64 at depth 1, else 128 as d20) that never emits a stop token (random words until max_tokens or
+    the context ends) -> the checkpoint's label."""
     import jax
     import jax.numpy as jnp
 
@@ -40,8 +41,8 @@ def make_tiny_run(base_dir: str, sequence_len: int = 1024, stage: str = "sft", s
     tok.save(os.path.join(base_dir, "tokenizer"))
     config = base_config()
     config.run_name = "tiny"
-    config.model.depth, config.model.head_dim, config.model.sequence_len = 1, 64, sequence_len
-    config.model.compute_dtype, config.tokenizer.vocab_size = "float32", tok.vocab_size
+    config.model.depth, config.model.head_dim, config.model.sequence_len = depth, 64 if depth == 1 else 128, sequence_len
+    config.model.compute_dtype, config.tokenizer.vocab_size = compute_dtype, tok.vocab_size
     cfg = model_lib.ModelConfig.from_config(config)
     params = model_lib.init_params(cfg, jax.random.key(0))  # blocks add nothing at init (zero projections)
     # hidden state = rms_norm(embedding): a large first coordinate for every token lets the head push the
@@ -123,10 +124,13 @@ def main() -> None:
     p.add_argument("--stage", default="sft")
     p.add_argument("--users", type=int, default=20)
     p.add_argument("--max_tokens", type=int, default=128)
+    p.add_argument("--random_depth", type=int, default=1, help="without --base_dir: layers of the random model "
+                   "(20: d20's blocks, with a 300-token vocabulary)")
     args = p.parse_args()
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="chat_latency_")
     if args.base_dir is None:
-        make_tiny_run(base_dir)
+        make_tiny_run(base_dir, sequence_len=2048 if args.random_depth > 1 else 1024, depth=args.random_depth,
+                      compute_dtype="auto" if args.random_depth > 1 else "float32")
     from nanochat_jax.chat_app import default_checkpoint, list_checkpoints
     from nanochat_jax.config import base_config
 
@@ -145,7 +149,7 @@ def main() -> None:
                 time.sleep(0.5)
         else:
             raise SystemExit(f"the app did not come up: {server.stderr.read().decode()[-2000:]}")
-        run_users(url, 2, label, 8)  # warm: every prompt bucket and attention length this run needs
+        run_users(url, 2, label, args.max_tokens)  # warm: compiles the attention lengths these replies reach
         results = run_users(url, args.users, label, args.max_tokens)
     finally:
         server.terminate()

@@ -203,6 +203,7 @@ class ChatServer:
         try:
             for token in stream:
                 reply.append(token)
+                self._count(tokens=1)
                 if time.monotonic() - t0 > self.cfg.timeout_s:
                     status = f"Stopped: a reply may take at most {self.cfg.timeout_s:g} s."
                     self._count(timeouts=1)
@@ -221,7 +222,7 @@ class ChatServer:
             raise
         finally:
             stream.close()  # the session's history keeps what was generated
-            self._count(active=-1, tokens=len(reply))
+            self._count(active=-1)
 
 
 def report_markdown(base_dir: str) -> str:
