@@ -97,7 +97,7 @@ def describe(model, tokenizer, meta: dict, base_dir: str, stage: str) -> str:
     rows += [(k, v) for k, v in meta.items() if k not in ("config", "step", "stage", "tokenizer_hash")
              and isinstance(v, (str, int, float))]  # what the stage recorded: its parent, metrics
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (f"| | |\n|---|---|\n{table}\n\n**config**\n\n```json\n{json.dumps(config, indent=1)}\n```\n")
+    return (f"| checkpoint | |\n|---|---|\n{table}\n\n**config**\n\n```json\n{json.dumps(config, indent=1)}\n```\n")
 
 
 # ----------------------------------------------------------------------------------------------

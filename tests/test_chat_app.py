@@ -1,6 +1,7 @@
 """Gradio chat: the API through gradio_client (streaming, stop, limits, bad input, 20 concurrent clients,
 a client that disconnects, a checkpoint that fails to load) and a real browser (Debian's chromium
 driven by Playwright) on a tiny random checkpoint saved by the test."""
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -209,17 +210,18 @@ def test_queue_is_bounded(app):
     from gradio_client import Client
 
     cfg = app["cfg"]
-    clients = [Client(app["url"], verbose=False, analytics_enabled=False) for _ in range(cfg.concurrency + cfg.queue_size + 4)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        clients = list(pool.map(lambda _: Client(app["url"], verbose=False, analytics_enabled=False),
+                                range(cfg.concurrency + cfg.queue_size + 4)))
     jobs = [c.submit("queue", [], LABEL, 0.8, 50, 300, api_name="/chat") for c in clients]
     try:  # concurrency + queue_size are taken; the last ones are turned away at once
         assert _wait(lambda: sum(j.done() for j in jobs) >= 4, timeout=30)
         rejected = [str(j.exception()) for j in jobs if j.done() and j.exception() is not None]
         assert len(rejected) >= 4 and all("queue is full" in r.lower() for r in rejected), rejected
     finally:
-        for job in jobs:
-            job.cancel()
-        for c in clients:
-            c.close()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda job: job.cancel(), jobs))
+            list(pool.map(lambda c: c.close(), clients))  # each waits up to 1 s for its heartbeat thread
     # every cancelled reply stops generating. (A reply cancelled in the instant Gradio starts it can stay
     # open, suspended, where Gradio keeps a reference to it: `active` may not return to 0 here.)
     server = app["server"]
