@@ -300,6 +300,8 @@ def assemble(base_dir: str, gpu_hour_price: float | None = None, plots: bool = F
     """Write <base_dir>/report.md (plots=True also redraws the PNGs) and return its path."""
     os.makedirs(report_dir(base_dir), exist_ok=True)
     metrics, warnings = load_metrics(base_dir)
+    if gpu_hour_price is None:  # rebuilt after the report stage (write_section): the price it recorded
+        gpu_hour_price = _number(metrics.get("report", {}).get("gpu_hour_price"))
     bad_lines = {}
     if plots:
         _, bad_lines = make_plots(base_dir, metrics)
@@ -334,7 +336,7 @@ def stage_done(config, stage: str = "report") -> bool:
 
 def run_stage(config, stage: str = "report") -> dict:
     outputs = build(config.base_dir, config.report.gpu_hour_price)
-    return dict(outputs=outputs, metrics={}, report="")
+    return dict(outputs=outputs, metrics={"gpu_hour_price": config.report.gpu_hour_price}, report="")
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,8 @@ def test_report_with_missing_stages(run_dir):
     assert report.stage_done(config, "report") is False
     result = report.run_stage(config, "report")
     md_path, pngs = result["outputs"][0], result["outputs"][1:]
-    assert md_path == str(run_dir / "report.md") and result["metrics"] == {} and result["report"] == ""
+    assert md_path == str(run_dir / "report.md") and result["report"] == ""
+    assert result["metrics"] == {"gpu_hour_price": 2.5}
     md = open(md_path).read()
     # header: commit, hardware, versions, wall time summed over the stage jsons (12+3600+60+300+36 s)
     assert "- commit: `" in md and "- hardware:" in md and "jax " in md
@@ -61,6 +62,11 @@ def test_report_with_missing_stages(run_dir):
     assert md.index("## Tokenizer") < md.index("## Base training") < md.index("## CORE") < md.index("## SFT")
     assert "![loss](report/base_loss.png)" in md
     assert "logs/base.jsonl: 1 malformed line(s) skipped" in md
+    # the pipeline then records the report stage's metrics: report.md is rebuilt with the same price
+    assert "$2.5/GPU-hour" in md
+    report.write_section(str(run_dir), "report", "", {**result["metrics"], "seconds": 1.0})
+    rebuilt = (run_dir / "report.md").read_text()
+    assert "$2.5/GPU-hour" in rebuilt and "## report" not in rebuilt and "over 6 timed stage(s)" in rebuilt
     # plots: curves and evals; no RL reward curve without an RL log
     names = sorted(os.path.basename(p) for p in pngs)
     assert names == ["report_curves.png", "report_evals.png"]
