@@ -8,6 +8,9 @@ in memory). Replies go through Gradio's queue: config.chat.concurrency are gener
 config.chat.queue_size wait, and a reply stops after config.chat.timeout_s. A request outside the
 limits of STAGES.md §7 gets a message in the UI, never an error. Stop, or a client that goes away,
 closes the reply's generator, which ends generation after the current token.
+
+The chat is also an API: gradio_client.Client(url).submit(message, chat, checkpoint, temperature,
+top_k, max_tokens, api_name="/chat") streams (textbox, chat, status) tuples.
 """
 from __future__ import annotations
 
@@ -65,23 +68,33 @@ class Models:
 
     def __init__(self, base_dir: str, keep: int):
         self.base_dir, self.keep = base_dir, keep
-        self.lock = threading.Lock()
+        self.lock, self.load_lock = threading.Lock(), threading.Lock()
         self.loaded = collections.OrderedDict()  # label -> (ChatModel, description markdown)
+
+    def _cached(self, label: str):
+        with self.lock:
+            if label in self.loaded:
+                self.loaded.move_to_end(label)
+                return self.loaded[label]
+        return None
 
     def get(self, label: str):
         match = _LABEL.match(label or "")
         if not match:
             raise UserError(f"no such checkpoint {label!r}")
-        with self.lock:  # one load at a time; a loaded model is served to every session
-            if label not in self.loaded:
-                stage, step, run = match[1], int(match[2]), match[3]
-                model, tokenizer, meta = load_model(stage, step, self.base_dir, run)
-                model.chat([{"role": "user", "content": "hi"}], max_tokens=2)  # compile before a user waits
+        if found := self._cached(label):
+            return found
+        with self.load_lock:  # one load at a time, while the loaded models go on serving
+            if found := self._cached(label):
+                return found
+            stage, step, run = match[1], int(match[2]), match[3]
+            model, tokenizer, meta = load_model(stage, step, self.base_dir, run)
+            model.chat([{"role": "user", "content": "hi"}], max_tokens=2)  # compile before a user waits
+            with self.lock:
                 self.loaded[label] = (model, describe(model, tokenizer, meta, self.base_dir, stage))
                 while len(self.loaded) > self.keep:
                     self.loaded.popitem(last=False)
-            self.loaded.move_to_end(label)
-            return self.loaded[label]
+                return self.loaded[label]
 
 
 def describe(model, tokenizer, meta: dict, base_dir: str, stage: str) -> str:
