@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.95
     c.train.adam_eps = 1e-10
     c.train.grad_clip = 1.0  # global norm; 0 = off
+    c.train.init_lr_frac = 1.0  # every LR x this x the schedule's multiplier (SFT 0.02, RL 0.05)
     c.train.warmup_ratio = 0.0
     c.train.warmdown_ratio = 0.2
     c.train.final_lr_frac = 0.0
@@ -136,7 +137,6 @@ def _chat_stage_section(train: ml_collections.ConfigDict) -> ml_collections.Conf
     the chat recipe's differences: fresh optimiser, no weight decay or clipping, one epoch."""
     s = ml_collections.ConfigDict(train.to_dict())
     s.num_iterations = -1  # -1 = one epoch of the mixture
-    s.init_lr_frac = 1.0  # LR multiplier at step 0 (x the schedule)
     s.weight_decay = 0.0
     s.grad_clip = 0.0
     s.warmup_ratio = 0.0
