@@ -206,7 +206,7 @@ def test_download_cli(hub_dir, hub_server, capsys):
     assert hub.main(["download", "nope"]) == 2 and "unknown task(s) nope" in capsys.readouterr().err
     assert hub.main(["download", "mmlu", "--data-dir", str(hub_dir)]) == 1  # dev/validation are not served
     assert "HTTP 404" in capsys.readouterr().err
-    # The module entry point, in a fresh process (which must not import jax).
+    # The module entry point, in a fresh process.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "nanochat_jax.tasks", "download", "arc_challenge", "--data-dir",
                         str(hub_dir)], env=env, capture_output=True, text=True, timeout=120)
@@ -216,6 +216,7 @@ def test_download_cli(hub_dir, hub_server, capsys):
     broken.write_bytes(broken.read_bytes()[:100])  # changed on disk after its verified download
     with pytest.raises(UserError, match=f"gsm8k test: cannot read {broken} .*delete it"):
         load_task("gsm8k", "test", data_dir=hub_dir)
+    # Importing and using every task module (bar humaneval, another helper's) does not import jax.
     code = ("import sys, nanochat_jax.tasks as t; [t.task_class(n) for n in t.TASKS if n != 'humaneval']; "
             "t.load_task('spelling_bee', limit=2)[0]; assert 'jax' not in sys.modules, 'jax imported'")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -318,3 +319,10 @@ def test_identity(tmp_path, tok):
     before = hub.BAD_ROWS["identity"]
     assert [c["messages"] for c in Identity(path=str(path))] == [good]
     assert hub.BAD_ROWS["identity"] - before == 3
+
+
+def test_bench_script_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "bench/tasks.py"), "--rows", "400"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows"] == 400
