@@ -15,7 +15,7 @@ import importlib
 from nanochat_jax.config import UserError
 from nanochat_jax.tasks.base import Mixture, Task, TaskSequence
 
-__all__ = ["Mixture", "Task", "TaskSequence", "TASKS", "load_task", "load_mixture", "parse_mixture"]
+__all__ = ["Mixture", "Task", "TaskSequence", "TASKS", "load_task", "load_mixture", "check_mixture", "parse_mixture"]
 
 TASKS = {  # name -> (module, class)
     "smoltalk": ("nanochat_jax.tasks.smoltalk", "SmolTalk"),
@@ -38,14 +38,19 @@ def task_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_task(name: str, split: str = "train", limit: int | None = None, data_dir=None) -> Task:
+def checked_class(name: str, split: str = "train", limit: int | None = None) -> type:
+    """The task's class, after checking the split and N (no data is read)."""
     cls = task_class(name)
     splits = getattr(cls, "splits", None)
     if splits is not None and split not in splits:
         raise UserError(f"task {name} has no split {split!r}; its splits are {', '.join(splits)}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise UserError(f"task {name}: N must be a positive integer, got {limit!r}")
-    return cls(split, limit, data_dir)
+    return cls
+
+
+def load_task(name: str, split: str = "train", limit: int | None = None, data_dir=None) -> Task:
+    return checked_class(name, split, limit)(split, limit, data_dir)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, str, int | None]]:
@@ -60,6 +65,13 @@ def parse_mixture(spec: str) -> list[tuple[str, str, int | None]]:
             raise UserError(f"mixture entry {item.strip()!r}: N must be a positive integer, got {n!r}")
         entries.append((name, split, int(n) if n is not None else None))
     return entries
+
+
+def check_mixture(spec: str) -> None:
+    """UserError unless every entry of `spec` names a task, one of its splits and a valid N (for
+    config validation: fails before any data is read)."""
+    for entry in parse_mixture(spec):
+        checked_class(*entry)
 
 
 def load_mixture(spec: str, data_dir=None) -> list[Task]:
