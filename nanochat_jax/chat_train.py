@@ -19,7 +19,7 @@ from nanochat_jax import chat_data, report, sharding, train
 from nanochat_jax import checkpoint as ckpt_lib
 from nanochat_jax import model as model_lib
 from nanochat_jax.config import UserError
-from nanochat_jax.tasks import load_mixture
+from nanochat_jax.tasks import hub, load_mixture
 from nanochat_jax.tasks.base import Mixture, TaskSequence
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,10 @@ def run_stage(config, stage: str) -> dict:
     pi, pc = jax.process_index(), jax.process_count()
     t0 = time.time()
     counts, val_counts = chat_data.RenderCounts(), chat_data.RenderCounts()
+    bad_rows_before = dict(hub.BAD_ROWS)
     mixture = Mixture(load_mixture(section.mixture, _data_dir(config)), seed=42)
     val = TaskSequence(load_mixture(section.val_mixture, _data_dir(config))) if section.val_mixture else None
+    counts["bad_dataset_rows"] = sum(hub.BAD_ROWS.values()) - sum(bad_rows_before.values())
 
     if stage == "mid":
         tokens, mask = chat_data.render_stream(tokenizer, mixture, T, counts)
@@ -148,7 +150,8 @@ def run_stage(config, stage: str) -> dict:
                                                                  f"{stage}_loss.png"), val_key)
     samples = _chat_samples(out["params"], model_cfg, tokenizer, val) if val is not None else []
     metrics = {"steps": n_iter, "epochs": n_iter / source.steps_per_epoch, "conversations": counts["rendered"],
-               "bad_conversations_skipped": counts["skipped_invalid"], "conversations_truncated": counts["truncated"],
+               "bad_conversations_skipped": counts["skipped_invalid"] + counts["bad_dataset_rows"],
+               "conversations_truncated": counts["truncated"],
                "calculator_refused_calls": counts["calculator_refused"],
                "seconds_per_step": out["seconds_per_step"], "wall_seconds": time.time() - t0}
     history = out["history"].get(val_key)

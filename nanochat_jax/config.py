@@ -227,6 +227,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("data", "fsdp"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")
+    from nanochat_jax.tasks import check_mixture  # no jax, no data read: names, splits and sizes only
+    for key in ("mid.mixture", "mid.val_mixture", "sft.mixture", "sft.val_mixture"):
+        if _get(c, key):
+            try:
+                check_mixture(_get(c, key))
+            except UserError as e:
+                raise ConfigError(f"config.{key}: {e}") from None
     stages = [s.strip() for s in c.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in KNOWN_STAGES]
     if unknown:
