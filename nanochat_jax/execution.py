@@ -3,7 +3,8 @@
 `run_program(code)` runs `code` in a fresh interpreter (this file run as a script) in a fresh temp dir
 that is deleted afterwards; `run_many(programs)` runs many on a bounded thread pool. The child process:
 
-  1. leads its own session / process group; the parent kills the whole group at the wall limit;
+  1. leads its own session / process group, which the parent kills whole (SIGKILL) at the wall limit,
+     and again once the leader has exited, before reaping it;
   2. where the OS lets it (root, or unprivileged user namespaces), enters new mount and network
      namespaces and chroots into a jail that holds only read-only binds of the system and interpreter
      directories and its own work dir: the project's files, the rest of /tmp, /home, /proc and /dev
@@ -85,6 +86,8 @@ def run_program(code: str, timeout: float = 5.0, memory_mb: int = 256, isolate: 
     import tempfile
     import time
 
+    if not hasattr(os, "pidfd_open"):
+        raise RuntimeError("the code sandbox needs Linux (5.3 or later)")
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="nanochat_sandbox_")
     proc = None
@@ -183,6 +186,7 @@ def _remove_tree(tmp: str, shutil):
 # ----------------------------------------------------------------------------------------------- child
 
 def _child_main(tmp: str, timeout: float, memory_mb: int, isolate: bool):
+    import _posixsubprocess  # noqa: F401 (patched later; loaded now, before the address-space limit)
     os.umask(0o022)
     token = sys.stdin.buffer.read()
     os.close(0)

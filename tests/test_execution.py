@@ -16,7 +16,7 @@ import pytest
 from nanochat_jax import execution
 from nanochat_jax.config import UserError
 from nanochat_jax.execution import run_many, run_program
-from nanochat_jax.tasks.humaneval import HumanEval, build_program, extract_code
+from nanochat_jax.tasks.humaneval import HumanEval, _passed, build_program, extract_code
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -237,3 +237,12 @@ def test_output_is_capped():
     r = run_program("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n")
     assert r.status == "failed" and "File too large" in r.stderr
     assert len(r.stdout) <= execution.TAIL_CHARS
+
+
+def test_humaneval_scoring_speaks_up_about_the_host():
+    """A sandbox that could not start is the host's fault (raised, not scored wrong); one without a jail
+    is said once per call site (warned)."""
+    with pytest.raises(RuntimeError, match="could not be set up"):
+        _passed(execution.Result("error", "", "OSError: mount: Operation not permitted", (), 0.0))
+    with pytest.warns(RuntimeWarning, match="no namespaces"):
+        assert _passed(execution.Result("passed", "", "", ("nproc",), 0.0))

@@ -13,6 +13,7 @@ import gzip
 import importlib.resources
 import json
 import re
+import warnings
 
 from nanochat_jax import execution
 from nanochat_jax.config import UserError
@@ -72,9 +73,19 @@ class HumanEval(Task):
         }
 
     def score(self, conversation: dict, completion: str) -> bool:
-        return execution.run_program(build_program(conversation, completion), timeout=TIMEOUT).passed
+        return _passed(execution.run_program(build_program(conversation, completion), timeout=TIMEOUT))
 
     def score_many(self, conversations, completions, workers: int | None = None) -> list[bool]:
         """score() over pairs, `workers` sandboxes at a time (default: the CPU count)."""
         programs = [build_program(c, x) for c, x in zip(conversations, completions, strict=True)]
-        return [r.passed for r in execution.run_many(programs, workers=workers, timeout=TIMEOUT)]
+        return [_passed(r) for r in execution.run_many(programs, workers=workers, timeout=TIMEOUT)]
+
+
+def _passed(result: execution.Result) -> bool:
+    if result.status == "error":  # the host, not the model: scoring it as wrong would hide it
+        raise RuntimeError(f"the code sandbox could not be set up: {result.stderr.strip()}")
+    if "jail" not in result.isolation:
+        warnings.warn(f"HumanEval: this host lets the code sandbox create no namespaces (isolation: "
+                      f"{','.join(result.isolation) or 'none'}); programs are held back by Python-level "
+                      "patches and rlimits only", RuntimeWarning, stacklevel=3)
+    return result.passed
