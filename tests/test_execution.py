@@ -35,21 +35,27 @@ def _pids_with_parent(ppid):
     return pids
 
 
-def _sandbox_processes():
-    """Our children (zombies included) and anything still running the sandbox's child command line,
+@pytest.fixture
+def leftovers():
+    """A check for processes a test's sandboxes left: children of this process that were not there
+    before the test (zombies included), and anything still running the sandbox's child command line,
     after a short grace for processes SIGKILLed a moment ago to finish dying."""
-    for _ in range(20):
-        left = set(_pids_with_parent(os.getpid()))
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                if b"nanochat_sandbox_" in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    left.add(int(entry))
-            except OSError:
-                pass
-        if not left:
-            return left
-        time.sleep(0.1)
-    return left
+    before = set(_pids_with_parent(os.getpid()))
+
+    def check():
+        for _ in range(20):
+            left = set(_pids_with_parent(os.getpid())) - before
+            for entry in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if b"nanochat_sandbox_" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                        left.add(int(entry))
+                except OSError:
+                    pass
+            if not left:
+                return left
+            time.sleep(0.1)
+        return left
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +102,13 @@ def test_humaneval_problems(humaneval):
         HumanEval(split="train")
 
 
-def test_all_canonical_solutions_pass(humaneval):
+def test_all_canonical_solutions_pass(humaneval, leftovers):
     convs = list(humaneval)
     # the reference conversations' own replies, bare and as a fenced block after some prose
     replies = [c["messages"][1]["content"] for c in convs]
     replies[1::2] = [f"Here it is:\n```python\n{r}```\nDone." for r in replies[1::2]]
     assert humaneval.score_many(convs, replies, workers=2) == [True] * 164
-    assert not _sandbox_processes()
+    assert not leftovers()
 
 
 def test_wrong_and_early_exiting_solutions_fail(humaneval):
@@ -134,7 +140,7 @@ def test_program_layout():
 
 # --------------------------------------------------------------------------------------------- sandbox
 
-def test_attacks_are_contained(tmp_path, server, isolation):
+def test_attacks_are_contained(tmp_path, server, isolation, leftovers):
     escaped, marker = tmp_path / "escaped.txt", tmp_path / "marker"
     in_repo = REPO / "sandbox_escaped.txt"
     port = server.getsockname()[1]
@@ -164,11 +170,11 @@ def test_attacks_are_contained(tmp_path, server, isolation):
     assert "MemoryError" in by_name["10 GB"].stderr
     assert results[-1].passed and results[-1].stdout == "still running\n"
     assert not escaped.exists() and not in_repo.exists() and not marker.exists() and not _connected(server)
-    assert not _sandbox_processes()
+    assert not leftovers()
     assert all(r.isolation == isolation for r in results)
 
 
-def test_os_enforced_limits(tmp_path, isolation):
+def test_os_enforced_limits(tmp_path, isolation, leftovers):
     """The same attacks through libc (ctypes), past every Python-level patch: only the kernel stops these."""
     if os.getuid() == 0:
         assert "nobody" in isolation or "jail" not in isolation  # in a jail, root always drops to nobody
@@ -189,10 +195,10 @@ def test_os_enforced_limits(tmp_path, isolation):
     results = run_many(list(programs.values()), workers=2)
     for name, r in zip(programs, results):
         assert r.status == "failed", (name, r)
-    assert not escaped.exists() and not _sandbox_processes()
+    assert not escaped.exists() and not leftovers()
 
 
-def test_python_level_layer_alone(tmp_path, server):
+def test_python_level_layer_alone(tmp_path, server, leftovers):
     """isolate=False (a host without namespaces): the patched functions still refuse."""
     escaped, marker = tmp_path / "escaped.txt", tmp_path / "marker"
     port = server.getsockname()[1]
@@ -217,20 +223,20 @@ def test_python_level_layer_alone(tmp_path, server):
         assert "disabled in the sandbox" in r.stderr or "outside the sandbox" in r.stderr, (code, r)
     assert results[-1].passed and results[-1].stdout == "ok\n"
     assert not escaped.exists() and not marker.exists() and not _connected(server)
-    assert not _sandbox_processes()
+    assert not leftovers()
 
 
-def test_timeout_kills_the_whole_group():
+def test_timeout_kills_the_whole_group(leftovers):
     """Where fork is possible (the fallback as root), a forked sleeper dies with its group: at the wall
     limit (no CPU is used, so only the wall kill can end it), and when its parent ends first."""
     fork = LIBC + "import time\nprint(libc.fork(), flush=True)\n"
     for isolate in (True, False):
         r = run_program(fork + "time.sleep(20)\n", timeout=1.0, isolate=isolate)
         assert r.status == "timeout" and r.seconds < 3, r
-        assert not _sandbox_processes(), (isolate, r)
+        assert not leftovers(), (isolate, r)
         r = run_program(fork + "if libc.fork() == 0:\n    time.sleep(20)\n", timeout=5.0, isolate=isolate)
         assert r.status in ("passed", "failed") and r.seconds < 3, r
-        assert not _sandbox_processes(), (isolate, r)
+        assert not leftovers(), (isolate, r)
 
 
 def test_output_is_capped():
