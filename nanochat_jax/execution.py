@@ -223,10 +223,10 @@ def _child_main(tmp: str, timeout: float, memory_mb: int, isolate: bool):
 def _isolate(tmp: str) -> list:
     """New mount + network namespaces and a chroot jail, if this process may create them; [] if not."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for flags in (CLONE_NEWNS | CLONE_NEWNET, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET):
-        if libc.unshare(flags) == 0:
-            break
-    else:
+    # Root gets no user namespace: in one it would stay uid 0 to the kernel (no NPROC limit, and allowed
+    # to signal every root process) and could not become nobody; it goes without a jail instead.
+    tries = [CLONE_NEWNS | CLONE_NEWNET] + ([CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET] if os.getuid() else [])
+    if not any(libc.unshare(flags) == 0 for flags in tries):
         return []
     jail = os.path.join(tmp, "jail")
 
