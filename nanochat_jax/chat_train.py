@@ -80,7 +80,8 @@ def _chat_samples(params, model_cfg, tokenizer, val: TaskSequence) -> list[tuple
     """A few held-out prompts and the model's greedy answers (calculator on)."""
     from nanochat_jax.engine import Engine
 
-    conversations = [val[i] for i in range(min(SAMPLE_CONVERSATIONS, len(val)))]
+    n = min(SAMPLE_CONVERSATIONS, len(val))
+    conversations = [val[i * len(val) // n] for i in range(n)]  # spread over the val set's tasks
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     prompts = [p for p in prompts if len(p) < model_cfg.sequence_len - 64]
     if not prompts:
