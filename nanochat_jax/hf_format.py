@@ -176,7 +176,7 @@ def save_weights(tensors: dict[str, np.ndarray], directory: str, dtype: str) -> 
 
     tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     path = os.path.join(directory, WEIGHTS_FILE)
-    save_file({k: torch.from_numpy(v).to(tdtype).contiguous() for k, v in tensors.items()}, path,
+    save_file({k: torch.from_numpy(np.array(v)).to(tdtype).contiguous() for k, v in tensors.items()}, path,
               metadata={"format": "pt"})
     return path
 
@@ -285,8 +285,11 @@ def tokenizer_from_json(text: str, where: str) -> Tokenizer:
     if added != [(len(ranks) + i, name) for i, name in enumerate(SPECIAL_TOKENS)]:
         refuse(f"added tokens {added} (ours are {list(SPECIAL_TOKENS)} at ids {len(ranks)}..)")
     # tiktoken merges by the rank of the result: the merges must come in token-id order
-    order = [ranks[bytes(byte_of[c] for c in "".join(m.split(" ", 1) if isinstance(m, str) else m))]
-             for m in model.get("merges", [])]
+    try:
+        order = [ranks[bytes(byte_of[c] for c in "".join(m.split(" ", 1) if isinstance(m, str) else m))]
+                 for m in model.get("merges", [])]
+    except KeyError:
+        refuse("a merge makes a token that is not in the vocabulary")
     if any(a > b for a, b in zip(order, order[1:])):
         refuse("merges are not in the order of the token ids they make (tiktoken ranks need that)")
     return Tokenizer(ranks)
