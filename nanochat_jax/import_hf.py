@@ -54,6 +54,8 @@ def read_hf(src: str) -> tuple[dict, Tokenizer, dict]:
 
 def import_hf(src: str, out: str, stage: str = "sft", run_name: str = "hf", verify: bool = True) -> dict:
     """Write <out>/tokenizer and <out>/checkpoints/<stage>/<run_name>/0 -> the verification numbers (None if skipped)."""
+    if stage not in ("base", "mid", "sft", "rl"):
+        raise UserError(f"--stage must be one of base, mid, sft, rl (the stages with checkpoints), got {stage!r}")
     hf_format.require_hf()
     hf, tok, fields = read_hf(src)
     config = base_config()
