@@ -12,7 +12,6 @@ fails with the numbers and leaves the directory at DIR.failed for inspection.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 
 from nanochat_jax import hf_format, model as model_lib
 from nanochat_jax.checkpoint import check_tokenizer, restore_model
-from nanochat_jax.config import UserError
+from nanochat_jax.config import KNOWN_STAGES, UserError
 from nanochat_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,11 +40,12 @@ def _model_card(base_dir: str, stage: str, meta: dict, cfg: model_lib.ModelConfi
                 checks: dict | None) -> str:
     """README.md: what the model is, how to load it, the run's metrics (<base_dir>/report/*.json), the checks."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(base_dir, "report", "*.json"))):
-        with open(path) as f:
-            metrics = json.load(f)
-        rows += [f"| {os.path.basename(path)[:-5]} | {k} | {v:.4g} |" if isinstance(v, float) else
-                 f"| {os.path.basename(path)[:-5]} | {k} | {v} |" for k, v in metrics.items()]
+    for name in KNOWN_STAGES:  # pipeline order
+        path = os.path.join(base_dir, "report", f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows += [f"| {name} | {k} | {v:.4g} |" if isinstance(v, float) else f"| {name} | {k} | {v} |"
+                         for k, v in json.load(f).items()]
     metrics_md = "\n".join(["| stage | metric | value |", "|---|---|---|", *rows]) if rows else \
         "No report metrics were found in the run directory."
     n_params = model_lib.param_counts(cfg)["total"]

@@ -133,10 +133,12 @@ def test_bf16_export_stores_bf16_and_imports_rounded(run, tmp_path):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32)), np.asarray(b))
 
 
-def test_transformers_initialised_model_imports_with_equal_logits(tok, tmp_path):
-    """A model made by transformers from a config of its own (their rms_norm_eps, no tokenizer hash)."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformers_initialised_model_imports_with_equal_logits(tok, tmp_path, tied):
+    """A model made by transformers from a config of its own (their rms_norm_eps, no tokenizer hash; tied:
+    one matrix for embedding and head, which we import as an untied copy)."""
     src = tmp_path / "theirs"
-    config = transformers.NanoChatConfig(
+    config = transformers.NanoChatConfig(tie_word_embeddings=tied,
         vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, final_logit_softcapping=15.0,
@@ -151,9 +153,13 @@ def test_transformers_initialised_model_imports_with_equal_logits(tok, tmp_path)
     transformers.PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"), bos_token="<|bos|>",
                                          eos_token="<|assistant_end|>",
                                          chat_template=hf_format.CHAT_TEMPLATE).save_pretrained(src)
-    assert import_hf.main(["--src", str(src), "--out", str(tmp_path / "imp"), "--stage", "base"]) == 0
+    assert import_hf.main(["--src", str(src), "--out", str(tmp_path / "imp"), "--stage", "base"]
+                          + ["--no-verify"] * tied) == 0  # (the import's own check: once is enough)
     params, config, meta = ckpt_lib.restore_model(str(tmp_path / "imp"), "base")
-    assert meta["verification"]["greedy_tokens_agreed"] == hf_format.GREEDY_TOKENS
+    if tied:
+        np.testing.assert_array_equal(params["lm_head"]["kernel"], params["wte"]["embedding"].T)
+    else:
+        assert meta["verification"]["greedy_tokens_agreed"] == hf_format.GREEDY_TOKENS
     cfg = model_lib.ModelConfig.from_config(config)
     assert (cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.depth) == (64, 2, 1, 32, 2)
     ids = [tok.bos_id] + tok.encode("Python is an easy to learn, powerful programming language.")
