@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh Debian/Ubuntu machine (Python >= 3.11 and a Rust toolchain present):
 # the offline text corpus (Debian's Python docs), a virtualenv in .venv, and this package with its
-# Rust extension and test dependencies. Safe to rerun: it only does what is missing.
+# Rust extension, test dependencies and the hf extra (torch + transformers: export_hf / import_hf).
+# Safe to rerun: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,4 +23,4 @@ fi
 
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,hf]"
