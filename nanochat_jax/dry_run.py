@@ -65,6 +65,7 @@ ASSUMED_TOKENS = {"smoltalk": 550, "mmlu": 400, "arc_easy": 120, "arc_challenge"
                   "identity": 150, "simple_spelling": 30, "spelling_bee": 130, "arithmetic": 60, "humaneval": 250}
 SFT_ROW_TOKENS = 1024  # assumed mean padded SFT row (padded to the micro-batch's longest, a power of two)
 SHARD_BYTES = 100e6  # a FineWeb-EDU shard (SPEC §6: ~100 MB, 240 shards ~24 GB)
+SHARD_TOKENS = 250e6 / 4.8  # a shard's ~250M characters (SPEC §6) at ~4.8 characters a token (the reference's)
 # RL defaults (STAGES.md §4) for a config whose c.rl section lacks them
 RL_DEFAULTS = dict(task="gsm8k", examples_per_step=16, num_samples=16, max_new_tokens=256, max_prompt_tokens=256,
                    device_batch_size=32, num_iterations=-1, eval_every=60, eval_examples=400, eval_samples=8)
@@ -131,13 +132,18 @@ class _Context:
 
     def _training(self, name: str) -> dict:
         from nanochat_jax import train
-        c, T = self.config, self.model_cfg.sequence_len
+        c, T, warnings = self.config, self.model_cfg.sequence_len, []
         if name == "base":
             section = c.train
             steps = train.num_iterations(section, self.model_cfg)
             accum = train.grad_accum_steps(section, T, self.n)  # the ConfigError the real run would raise
             rows, row_len = section.total_batch_size // T, T
             tokens, note = steps * section.total_batch_size, "Chinchilla ratio" if section.num_iterations < 0 else ""
+            if c.data.source == "fineweb" and tokens > (c.data.num_shards - 1) * SHARD_TOKENS:
+                need = math.ceil(tokens / SHARD_TOKENS) + 1
+                warnings.append(f"base reads {tokens / 1e9:.1f} B tokens but {c.data.num_shards - 1} train shards hold "
+                                f"~{(c.data.num_shards - 1) * SHARD_TOKENS / 1e9:.1f} B (~{SHARD_TOKENS / 1e6:.0f}M "
+                                f"tokens a shard): the data would repeat; set config.data.num_shards >= {need}")
         elif name == "mid":
             section = c.mid
             rows, row_len = section.total_batch_size // T, T
@@ -172,7 +178,7 @@ class _Context:
         mfu, mfu_note = self._mfu()
         out = dict(steps=steps, tokens=tokens, rows_per_step=rows, row_len=row_len, device_batch=device_batch,
                    grad_accum=accum, flops_per_token=self.flops_per_token, flops=flops, mfu=mfu, mfu_note=mfu_note,
-                   steps_note=note, memory=memory)
+                   steps_note=note, memory=memory, warnings=warnings)
         if name == "rl":  # sampling dominates: decode time at the measured rate, every step and every eval
             r = self._rl()
             rate = DECODE_TOK_S_D20 * D20_PARAMS / self.params * self.n
@@ -380,6 +386,8 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
                   f"  [step built and lowered in {m['build_seconds']:.0f} s]")
         else:
             print(f"  time ~{r['hours']:.2f} h ({r['time_note']}), ${r['cost']:,.0f}")
+        for w in r.get("warnings", []):
+            print(f"  WARNING: {w}")
         for f in r["files"]:
             print(f"  needs {f['what']}: present {f['present']}" + (f", download {_size(f['download'])}"
                                                                   if f["download"] != 0 else ""))
