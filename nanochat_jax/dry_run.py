@@ -16,8 +16,9 @@ Memory per device = params + optimiser state (each array's shard, from the step'
 with XLA attention and XLA kernels: cuDNN's attention and the Pallas/Mosaic kernels cannot be traced without a
 GPU (they keep about the same tensors). The transient is one layer's activations again (the backward
 recomputes a layer next to the kept ones) plus the loss's chunk of logits and their scores (2 x rows x
-loss_chunk x vocab in bf16). XLA's GPU compiler plans its own buffers, so this is an estimate: on one H100 it
-gives d20 b32 47.6 GiB against 46.5 measured, d26 b16 45.9 against 44.7, d12 b32 19.5 against 18.3 (README).
+loss_chunk x vocab in bf16). XLA's GPU compiler plans its own buffers, so this is an estimate; against the peaks
+measured on one H100 (README, bench/NOTES.md) it gives d12 b32 18.9 GiB (measured 18.3), d20 b32 47.7 (46.5),
+d26 b16 48.4 (44.7), d20 b32 x 8 micro-batches 49.8 (51.5), d26 b16 x 16 micro-batches 52.4 (50.2).
 Compiling the step with the CPU compiler is no help here: its buffer plan for d20 b32 is 91 GiB (XLA
 attention materialises the T x T scores, no flash kernel).
 """
@@ -46,8 +47,8 @@ MEM_FRACTION = 0.9  # of a GPU's memory JAX may take (xla_env.MEM_FRACTION, run_
 # MFU measured on one H100 (README's speed table, bench/train_mfu.py), by depth. The 4-GPU data-parallel runs
 # measured within 0.5 points of one GPU (d20 54.1% vs 54.5%), so one GPU's figure stands for 8.
 MEASURED_MFU = {12: 0.539, 20: 0.559, 26: 0.525}
-# Peak memory measured on one H100 at (depth, device batch), one micro-batch a step (README): printed beside.
-MEASURED_PEAK_GIB = {(12, 32): 18.3, (20, 32): 46.5, (26, 16): 44.7}
+# Peak memory measured on one H100 at (depth, device batch, micro-batches a step) (README): printed beside.
+MEASURED_PEAK_GIB = {(12, 32, 1): 18.3, (20, 32, 1): 46.5, (26, 16, 1): 44.7, (20, 32, 8): 51.5, (26, 16, 16): 50.2}
 # d20 decode on one H100, 32 samples at once (README): RL's sampling time, scaled by params (decode reads
 # the weights once a token, so it slows in proportion to the model's size).
 DECODE_TOK_S_D20, D20_PARAMS = 20_457, 560_988_160
@@ -67,7 +68,7 @@ SFT_ROW_TOKENS = 1024  # assumed mean padded SFT row (padded to the micro-batch'
 SHARD_BYTES = 100e6  # a FineWeb-EDU shard (SPEC §6: ~100 MB, 240 shards ~24 GB)
 SHARD_TOKENS = 250e6 / 4.8  # a shard's ~250M characters (SPEC §6) at ~4.8 characters a token (the reference's)
 # RL defaults (STAGES.md §4) for a config whose c.rl section lacks them
-RL_DEFAULTS = dict(task="gsm8k", examples_per_step=16, num_samples=16, max_new_tokens=256, max_prompt_tokens=256,
+RL_DEFAULTS = dict(task="gsm8k", train_examples=-1, examples_per_step=16, num_samples=16, max_new_tokens=256, max_prompt_tokens=256,
                    device_batch_size=32, num_iterations=-1, eval_every=60, eval_examples=400, eval_samples=8)
 CHAT_EVAL_TASKS = {"ARC-Easy": ("arc_easy", "test"), "ARC-Challenge": ("arc_challenge", "test"),
                    "MMLU": ("mmlu", "test"), "GSM8K": ("gsm8k", "test"), "HumanEval": ("humaneval", "test"),
@@ -119,9 +120,13 @@ class _Context:
 
     # ---------------------------------------------------------------------------------------------------
     def stage(self, name: str) -> dict:
-        row = dict(stage=name, files=self._files(name), params=self.params)
+        from nanochat_jax.config import STAGES
+        row = dict(stage=name, files=self._files(name), params=self.params, warnings=[])
+        if importlib.util.find_spec(STAGES[name].split(".")[0]) is None or importlib.util.find_spec(STAGES[name]) is None:
+            row["warnings"].append(f"its module {STAGES[name]} is not in this checkout: the run would stop here")
         if name in ("base", "mid", "sft", "rl"):
-            row.update(self._training(name))
+            training = self._training(name)
+            row.update(training, warnings=row["warnings"] + training["warnings"])
             seconds = row["flops"] / (self.n * self.gpu.peak_flops * row["mfu"]) + row.get("extra_seconds", 0.0)
         else:
             seconds = 60 * EVAL_MINUTES_D20.get(name, 0.0) * self.params / D20_PARAMS
@@ -163,7 +168,12 @@ class _Context:
         else:
             section, r = c.rl, self._rl()
             rows, row_len = r["examples_per_step"] * r["num_samples"], r["max_prompt_tokens"] + r["max_new_tokens"]
-            questions, note = self._task_rows(r["task"], "train")
+            if r["max_prompt_tokens"] + r["max_new_tokens"] > T:
+                raise ConfigError(f"config.rl.max_prompt_tokens + config.rl.max_new_tokens = {row_len} must fit "
+                                  f"config.model.sequence_len={T}")
+            limit = r["train_examples"] if r["train_examples"] > 0 else None
+            questions, note = self._task_rows(r["task"], "train", limit)
+            note = f"{questions:,} {r['task']} questions ({note}) / {r['examples_per_step']} a step"
             steps = r["num_iterations"] if r["num_iterations"] > 0 else max(1, questions // r["examples_per_step"])
             tokens = steps * rows * row_len
         device_batch = self._rl()["device_batch_size"] if name == "rl" else section.device_batch_size
@@ -233,8 +243,12 @@ class _Context:
         limit = MEM_FRACTION * self.gpu.memory_bytes
         mem = dict(params=params_b, opt_state=opt_b, grads=grads_b, activations=act_b, transient=transient,
                    total=total, limit=limit, build_seconds=time.time() - t0)
-        measured = MEASURED_PEAK_GIB.get((self.config.model.depth, device_batch))
-        if measured and row_len == 2048 == self.model_cfg.sequence_len and accum == 1 and self.gpu_name == "H100":
+        measured = MEASURED_PEAK_GIB.get((self.config.model.depth, device_batch, accum))
+        m = self.config.model  # measured with the default d-series shape and memory settings
+        same = (m.aspect_ratio, m.head_dim, m.n_kv_head, m.sequence_len, m.remat, m.loss_chunk, m.residual_dtype,
+                self.model_cfg.vocab_size, self.model_cfg.compute_dtype) == (
+            64, 128, 0, 2048, "dots_with_no_batch_dims_saveable", 256, "compute", 65536, "bfloat16")
+        if measured and same and row_len == 2048 and self.gpu_name == "H100":
             mem["measured_gib"] = measured
         if total > limit:
             key = "rl" if name == "rl" else name
@@ -326,9 +340,8 @@ class _Context:
             ok = os.path.isdir(os.path.join(self.data_dir, "eval_bundle")) or (bool(url) and os.path.exists(url))
             files.append(dict(what="CORE eval bundle (DCLM)", present="yes" if ok else "no",
                               download=None if not ok and url.startswith("http") else 0))
-        for task, split in dict.fromkeys(entries):
-            files.append(self._task_file(name, task, split))
-        return files
+        files += [self._task_file(name, task, split) for task, split in dict.fromkeys(entries)]
+        return list({f["what"]: f for f in files}.values())  # the spelling tasks' splits share one word list
 
     def _task_file(self, stage, task, split) -> dict:
         from nanochat_jax.tasks import hub
@@ -362,7 +375,11 @@ def _accum(stage: str, rows_per_step: int, device_batch: int, n: int) -> int:
 def _size(b) -> str:
     if b is None:
         return "size unknown"
-    return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB" if b else "-"
+    return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB" if b else "none"
+
+
+def _duration(hours: float) -> str:
+    return f"{hours:.2f} h" if hours >= 1 else f"{60 * hours:.1f} min"
 
 
 def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") -> None:
@@ -382,10 +399,10 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
             print(f"  memory per device ~{m['total'] / GIB:.1f} GiB of {m['limit'] / GIB:.0f}: params {m['params'] / GIB:.2f}, "
                   f"optimiser {m['opt_state'] / GIB:.2f}, grads {m['grads'] / GIB:.2f}, activations "
                   f"{m['activations'] / GIB:.1f} + transient {m['transient'] / GIB:.1f}{measured}")
-            print(f"  time {r['hours']:.2f} h at MFU {100 * r['mfu']:.1f}% ({r['mfu_note']}), ${r['cost']:,.0f}"
+            print(f"  time {_duration(r['hours'])} at MFU {100 * r['mfu']:.1f}% ({r['mfu_note']}), ${r['cost']:,.0f}"
                   f"  [step built and lowered in {m['build_seconds']:.0f} s]")
         else:
-            print(f"  time ~{r['hours']:.2f} h ({r['time_note']}), ${r['cost']:,.0f}")
+            print(f"  time ~{_duration(r['hours'])} ({r['time_note']}), ${r['cost']:,.0f}")
         for w in r.get("warnings", []):
             print(f"  WARNING: {w}")
         for f in r["files"]:
@@ -395,8 +412,10 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
     files = {f["what"]: f for r in rows for f in r["files"]}.values()  # a dataset two stages read counts once
     download = sum(f["download"] or 0 for f in files)
     unknown = any(f["download"] is None for f in files)
+    n_warn = sum(len(r.get("warnings", [])) for r in rows)
     print(f"\ntotal: ~{hours:.1f} h on {devices} x {gpu}, ~${cost:,.0f} at ${c.report.gpu_hour_price}/GPU-hour; "
-          f"downloads {_size(download)}" + (" + files of unknown size" if unknown else ""))
+          f"downloads {_size(download)}" + (" + files of unknown size" if unknown else "")
+          + (f"; {n_warn} WARNING(s) above" if n_warn else ""))
 
 
 def use_fake_devices(n: int) -> None:
