@@ -306,7 +306,8 @@ class _Context:
             if c.data.source == "fineweb":
                 have = sum((corpus / SHARD_PATTERN.format(i)).exists() for i in range(c.data.num_shards))
                 files.append(dict(what=f"FineWeb-EDU shards ({corpus})", present=f"{have}/{c.data.num_shards}",
-                                  download=(c.data.num_shards - have) * SHARD_BYTES))
+                                  download=(c.data.num_shards - have) * SHARD_BYTES,
+                                  fetch=f"python -m nanochat_jax.download --num-shards {c.data.num_shards} --dest {corpus}"))
             else:
                 try:
                     data_lib._find_doc_sources() if not (corpus / data_lib._DONE_MARKER).exists() else None
@@ -348,7 +349,7 @@ class _Context:
         if (task, split) in hub.FILES:
             ok = all(p.exists() for p in self._hub_paths(task, split))
             return dict(what=f"{task}:{split} ({hub.FILES[task, split][0]})", present="yes" if ok else "no",
-                        download=0 if ok else None)
+                        download=0 if ok else None, hub_task=task)
         if task in ("spelling_bee", "simple_spelling"):
             from nanochat_jax.tasks import synthetic
             ok = os.path.exists(synthetic.WORD_LIST) or importlib.util.find_spec("english_words") is not None
@@ -416,6 +417,13 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
     print(f"\ntotal: ~{hours:.1f} h on {devices} x {gpu}, ~${cost:,.0f} at ${c.report.gpu_hour_price}/GPU-hour; "
           f"downloads {_size(download)}" + (" + files of unknown size" if unknown else "")
           + (f"; {n_warn} WARNING(s) above" if n_warn else ""))
+    # everything missing is fetched on first use; these commands fetch it ahead (e.g. before the GPUs are rented)
+    fetch = [f["fetch"] for f in files if f.get("fetch") and f["download"]]
+    tasks = sorted({f["hub_task"] for f in files if f.get("hub_task") and f["present"] != "yes"})
+    task_dir = os.path.join(os.path.expanduser(c.data.dir), "tasks")
+    fetch += [f"python -m nanochat_jax.tasks download {' '.join(tasks)} --data-dir {task_dir}"] if tasks else []
+    if fetch:
+        print("fetch the missing files ahead (each stage also fetches what it lacks):\n  " + "\n  ".join(fetch))
 
 
 def use_fake_devices(n: int) -> None:
