@@ -19,8 +19,8 @@ recomputes a layer next to the kept ones) plus the loss's chunk of logits and th
 loss_chunk x vocab in bf16). XLA's GPU compiler plans its own buffers, so this is an estimate; against the peaks
 measured on one H100 (README, bench/NOTES.md) it gives d12 b32 18.9 GiB (measured 18.3), d20 b32 47.7 (46.5),
 d26 b16 48.4 (44.7), d20 b32 x 8 micro-batches 49.8 (51.5), d26 b16 x 16 micro-batches 52.4 (50.2).
-Compiling the step with the CPU compiler is no help here: its buffer plan for d20 b32 is 91 GiB (XLA
-attention materialises the T x T scores, no flash kernel).
+Compiling the step with the CPU compiler is no help here: its buffer plan for d20 b32 (scanned layers, ~20 s to
+compile) is 91 GiB of temporaries (XLA attention materialises the T x T scores: no flash kernel on a CPU).
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ SFT_ROW_TOKENS = 1024  # assumed mean padded SFT row (padded to the micro-batch'
 SHARD_BYTES = 100e6  # a FineWeb-EDU shard (SPEC §6: ~100 MB, 240 shards ~24 GB)
 SHARD_TOKENS = 250e6 / 4.8  # a shard's ~250M characters (SPEC §6) at ~4.8 characters a token (the reference's)
 # RL defaults (STAGES.md §4) for a config whose c.rl section lacks them
-RL_DEFAULTS = dict(task="gsm8k", train_examples=-1, examples_per_step=16, num_samples=16, max_new_tokens=256, max_prompt_tokens=256,
+RL_DEFAULTS = dict(task="gsm8k", train_examples=-1, examples_per_step=16, num_samples=16, max_new_tokens=256,
+                   max_prompt_tokens=256,
                    device_batch_size=32, num_iterations=-1, eval_every=60, eval_examples=400, eval_samples=8)
 CHAT_EVAL_TASKS = {"ARC-Easy": ("arc_easy", "test"), "ARC-Challenge": ("arc_challenge", "test"),
                    "MMLU": ("mmlu", "test"), "GSM8K": ("gsm8k", "test"), "HumanEval": ("humaneval", "test"),
@@ -102,7 +103,8 @@ class _Context:
         m = config.model
         d_model = m.aspect_ratio * m.depth
         if d_model % m.head_dim:
-            raise ConfigError(f"config.model: d_model = aspect_ratio x depth = {m.aspect_ratio} x {m.depth} = {d_model} "
+            raise ConfigError(f"config.model: d_model = aspect_ratio x depth = {m.aspect_ratio} x {m.depth} = "
+                              f"{d_model} "
                               f"is not a multiple of head_dim={m.head_dim} ({d_model / m.head_dim:.2f} heads; the "
                               f"model would round up to {math.ceil(d_model / m.head_dim)} heads, attention width "
                               f"{math.ceil(d_model / m.head_dim) * m.head_dim} != d_model)")
@@ -122,7 +124,7 @@ class _Context:
     def stage(self, name: str) -> dict:
         from nanochat_jax.config import STAGES
         row = dict(stage=name, files=self._files(name), params=self.params, warnings=[])
-        if importlib.util.find_spec(STAGES[name].split(".")[0]) is None or importlib.util.find_spec(STAGES[name]) is None:
+        if importlib.util.find_spec(STAGES[name]) is None:  # a stage another branch is still adding
             row["warnings"].append(f"its module {STAGES[name]} is not in this checkout: the run would stop here")
         if name in ("base", "mid", "sft", "rl"):
             training = self._training(name)
@@ -196,7 +198,8 @@ class _Context:
             if r["eval_every"]:
                 sampled += (steps // r["eval_every"] + 1) * r["eval_examples"] * r["eval_samples"] * r["max_new_tokens"]
             out["extra_seconds"] = sampled / rate
-            out["steps_note"] = note + f"; + sampling <= {sampled:,} tokens at ~{rate:,.0f} tok/s (d20's decode, scaled)"
+            out["steps_note"] = note + (f"; + sampling <= {sampled:,} tokens at ~{rate:,.0f} tok/s "
+                                        "(d20's decode, scaled)")
         return out
 
     def _rl(self) -> dict:
@@ -218,7 +221,7 @@ class _Context:
 
         from nanochat_jax import model as model_lib
         from nanochat_jax import train
-        if section is None:  # rl: its own section once it has the training fields, else SFT's (same recipe shape)
+        if section is None:  # rl: its own section once it has the training fields, else SFT's (same shape)
             section = self.config.rl if "matrix_lr" in self.config.rl else self.config.sft
         t0 = time.time()
         step_fn, _, abstract, state_shardings, batch_shard = train.build_step(self.model_cfg, section, steps, self.mesh)
@@ -232,7 +235,8 @@ class _Context:
         opt_b = sum(shard_bytes(a) for a in jax.tree.leaves(state[1]))
         x = jax.ShapeDtypeStruct((device_batch, row_len), jnp.int32)
         w = jax.ShapeDtypeStruct((device_batch, row_len), jnp.float32)
-        kept = saved_residuals(lambda p, a, b, c: model_lib.loss_fn(p, self.model_cfg, a, b, c)[0], abstract[0], x, x, w)
+        loss = lambda p, inputs, targets, weights: model_lib.loss_fn(p, self.model_cfg, inputs, targets, weights)[0]
+        kept = saved_residuals(loss, abstract[0], x, x, w)
         act_b = sum(math.prod(aval.shape) * aval.dtype.itemsize for aval, why in kept if "argument" not in why)
         mc = self.model_cfg
         chunk = min(mc.loss_chunk, row_len) if mc.loss_chunk else row_len
@@ -251,11 +255,12 @@ class _Context:
         if measured and same and row_len == 2048 and self.gpu_name == "H100":
             mem["measured_gib"] = measured
         if total > limit:
-            key = "rl" if name == "rl" else name
-            raise ConfigError(f"stage {name}: ~{total / GIB:.1f} GiB per device (params {params_b / GIB:.1f}, optimiser "
-                              f"{opt_b / GIB:.1f}, grads {grads_b / GIB:.1f}, activations {(act_b + transient) / GIB:.1f}) "
+            raise ConfigError(f"stage {name}: ~{total / GIB:.1f} GiB per device (params {params_b / GIB:.1f}, "
+                              f"optimiser {opt_b / GIB:.1f}, grads {grads_b / GIB:.1f}, activations "
+                              f"{(act_b + transient) / GIB:.1f}) "
                               f"exceeds the {self.gpu_name}'s {limit / GIB:.0f} GiB ({MEM_FRACTION:.0%} of "
-                              f"{self.gpu.memory_bytes / GIB:.0f} GiB): lower config.{key}.device_batch_size={device_batch} "
+                              f"{self.gpu.memory_bytes / GIB:.0f} GiB): lower "
+                              f"config.{name}.device_batch_size={device_batch} "
                               "(gradient accumulation keeps the step's batch)")
         return mem
 
@@ -307,7 +312,8 @@ class _Context:
                 have = sum((corpus / SHARD_PATTERN.format(i)).exists() for i in range(c.data.num_shards))
                 files.append(dict(what=f"FineWeb-EDU shards ({corpus})", present=f"{have}/{c.data.num_shards}",
                                   download=(c.data.num_shards - have) * SHARD_BYTES,
-                                  fetch=f"python -m nanochat_jax.download --num-shards {c.data.num_shards} --dest {corpus}"))
+                                  fetch=f"python -m nanochat_jax.download --num-shards {c.data.num_shards} "
+                                        f"--dest {corpus}"))
             else:
                 try:
                     data_lib._find_doc_sources() if not (corpus / data_lib._DONE_MARKER).exists() else None
@@ -393,11 +399,13 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
         print(f"\n[{r['stage']}]")
         if "steps" in r:
             print(f"  FLOPs/token {r['flops_per_token']:.3e}; {r['steps']:,} steps x {r['rows_per_step']:,} rows of "
-                  f"{r['row_len']:,} = {r['tokens'] / 1e9:.3f} B tokens" + (f" ({r['steps_note']})" if r['steps_note'] else ""))
+                  f"{r['row_len']:,} = {r['tokens'] / 1e9:.3f} B tokens"
+                  + (f" ({r['steps_note']})" if r['steps_note'] else ""))
             print(f"  device batch {r['device_batch']}, gradient accumulation {r['grad_accum']} on {devices} devices")
             m = r["memory"]
             measured = f"; measured on one H100 at this batch: {m['measured_gib']} GiB" if "measured_gib" in m else ""
-            print(f"  memory per device ~{m['total'] / GIB:.1f} GiB of {m['limit'] / GIB:.0f}: params {m['params'] / GIB:.2f}, "
+            print(f"  memory per device ~{m['total'] / GIB:.1f} GiB of {m['limit'] / GIB:.0f}: "
+                  f"params {m['params'] / GIB:.2f}, "
                   f"optimiser {m['opt_state'] / GIB:.2f}, grads {m['grads'] / GIB:.2f}, activations "
                   f"{m['activations'] / GIB:.1f} + transient {m['transient'] / GIB:.1f}{measured}")
             print(f"  time {_duration(r['hours'])} at MFU {100 * r['mfu']:.1f}% ({r['mfu_note']}), ${r['cost']:,.0f}"
@@ -429,9 +437,10 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
 def use_fake_devices(n: int) -> None:
     """Before jax starts: n fake CPU devices and no GPU backend (the dry run allocates nothing anywhere)."""
     import sys
-    if "jax" in sys.modules:
-        raise RuntimeError("use_fake_devices must run before jax is imported")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    if "jax" in sys.modules:  # too late to choose devices: plan() says so if there are fewer than n
+        return
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
 

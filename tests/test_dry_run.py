@@ -36,7 +36,8 @@ def test_d20_plan(tmp_path, devices, accum):
     assert "21,400 steps x 256 rows of 2,048 = 11.220 B tokens" in out
     assert f"device batch 32, gradient accumulation {accum} on {devices} devices" in out
     shards = 100 if devices == 1 else 240
-    assert f"FineWeb-EDU shards ({tmp_path / 'data' / 'fineweb'}): present 0/{shards}, download {shards / 10:.1f} GB" in out
+    corpus = tmp_path / "data" / "fineweb"
+    assert f"FineWeb-EDU shards ({corpus}): present 0/{shards}, download {shards / 10:.1f} GB" in out
     mem = re.search(r"memory per device ~([\d.]+) GiB of 72: params 2.09, optimiser 2.71, grads ([\d.]+)", out)
     assert mem and float(mem[2]) == (4.18 if accum > 1 else 2.09), out  # a second buffer for the running sum
     assert 40 < float(mem[1]) < 60, out  # one H100 measured 46.5 GiB (1 micro-batch), 51.5 (8)
@@ -96,7 +97,8 @@ def test_plan_counts_files_and_conversations(tmp_path):
     identity = len(load_task("identity"))
     assert rows["sft"]["steps"] == (identity + 300 + 7_473) // 8
     files = {f["what"]: f for f in rows["sft"]["files"]}
-    assert files["gsm8k:train (openai/gsm8k)"]["present"] == "no" and files["gsm8k:train (openai/gsm8k)"]["download"] is None
+    gsm8k = files["gsm8k:train (openai/gsm8k)"]
+    assert gsm8k["present"] == "no" and gsm8k["download"] is None  # fetched on first use, size unknown offline
     assert files["spelling_bee: word list"]["present"] == "yes"
     assert rows["sft"]["grad_accum"] == 1 and rows["mid"]["rows_per_step"] == 16
 
@@ -117,7 +119,7 @@ def test_rl_rows_must_split_over_the_devices(tmp_path):
     c.model.sequence_len = 512  # RL's rows: 256 prompt + 256 sampled tokens (STAGES.md defaults)
     c.rl.device_batch_size = 48  # 16 questions x 16 samples = 256 rows; 48 x 8 devices does not divide them
     (tmp_path / "run" / "checkpoints" / "sft" / c.run_name / "7").mkdir(parents=True)  # the SFT output exists
-    with pytest.raises(ConfigError, match=r"stage rl: 256 rows a step must be a multiple of config.rl.device_batch_size"):
+    with pytest.raises(ConfigError, match=r"stage rl: 256 rows a step must be a multiple of config.rl.device_batch"):
         dry_run.plan(c, devices=8)
     c.rl.device_batch_size = 32
     (row,) = dry_run.plan(c, devices=8)
