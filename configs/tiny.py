@@ -29,4 +29,12 @@ def get_config():
     c.train.sample_every = 250
     c.train.save_every = 50
     c.train.muon_momentum_warmup_steps = 50
+    # Offline: no CORE bundle (base_eval says so and reports no score); the chat evals run the tasks that
+    # need no download, on few problems
+    c.eval.core_bundle_url = ""
+    c.eval.batch_tokens = 4096
+    c.eval.chat_tasks = "SpellingBee,Arithmetic"
+    c.eval.chat_max_problems = 64
+    c.eval.max_new_tokens = 64
+    c.eval.generate_batch_size = 32
     return c

@@ -79,8 +79,10 @@ def _fetch_once(session: requests.Session, url: str, partial: Path, on_bytes: Ca
 
 def download_file(url: str, dest: Path, *, session: requests.Session | None = None, retries: int = 5,
                   backoff: float = 1.0, timeout: float = 60.0,
-                  on_bytes: Callable[[int], None] = lambda n: None) -> Path:
-    """Fetch `url` into `dest` (resumable, verified, atomic); retry with exponential backoff."""
+                  on_bytes: Callable[[int], None] = lambda n: None,
+                  verify: Callable[[Path], None] = verify_parquet) -> Path:
+    """Fetch `url` into `dest` (resumable, atomic); retry with exponential backoff. `verify(path)` raises
+    ValueError unless the complete file is good (default: a parquet shard with a text column)."""
     if dest.exists():
         return dest
     partial = dest.with_name(dest.name + ".partial")
@@ -89,7 +91,7 @@ def download_file(url: str, dest: Path, *, session: requests.Session | None = No
         try:
             _fetch_once(session, url, partial, on_bytes, timeout)
             try:
-                verify_parquet(partial)
+                verify(partial)
             except ValueError as e:  # complete but bad: the bytes cannot be trusted, refetch all
                 partial.unlink(missing_ok=True)
                 raise DownloadError(f"{url}: {e}") from e

@@ -373,16 +373,15 @@ def test_tool_calls_on_device_equal_the_streaming_driver():
     # two exits (steps 12 and 15), one resume compile: both buffers are 16 wide
     assert E.TRACES["generate"] - before["generate"] == 1 and E.TRACES["resume"] - before["resume"] == 1
 
+    # the same shapes below (3 rows, 40 tokens): compiled already
     long_table = script(A, PS, "1/7", PE, G, END)  # 0.14285714285714285: 21 forced tokens
     long_table[OE] = END
-    eng = E.Engine(bigram_params(long_table), CFG, TOK)
-    got = eng.generate_batch([[A], [A]], max_tokens=60, temperature=0.0, use_tools=True)
-    assert got == streamed_rows(eng, [[A], [A]], max_tokens=60, temperature=0.0)
-    assert TOK.decode(got[0][0]).endswith(str(1 / 7)) and got[1][0].count(0) == 21
-
-    refused = E.Engine(bigram_params(script(A, PS, "os.getcwd()", PE, G, END)), CFG, TOK)
-    got = refused.generate_batch([A], max_tokens=40, temperature=0.0, use_tools=True)
-    assert got == ([[PS, *TOK.encode("os.getcwd()"), PE, G]], [[1] * 14])
+    for table, n_forced in ((long_table, 21), (script(A, PS, "os.getcwd()", PE, G, END), 0)):
+        eng = E.Engine(bigram_params(table), CFG, TOK)
+        rows, masks = eng.generate_batch([[A]] * 3, max_tokens=40, temperature=0.0, use_tools=True)
+        assert (rows, masks) == streamed_rows(eng, [[A]] * 3, max_tokens=40, temperature=0.0)
+        assert masks[0].count(0) == n_forced and rows[0][-1] == (OE if n_forced else G)
+    assert TOK.decode(rows[0]) == "os.getcwd()G"  # refused: nothing forced, generation goes on
 
 
 def test_tools_on_device_sample_like_the_streaming_driver(engine):
