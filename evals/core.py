@@ -156,9 +156,13 @@ def task_sequences(task: dict, tokenizer, max_per_task: int = -1):
     if max_per_task > 0:
         items = items[:max_per_task]
     kind, delim, K = task["type"], task["delimiter"], task["num_fewshot"]
+    if K >= len(items):
+        raise UserError(f"CORE task {task['label']}: {K}-shot prompts need more than {K} items, got {len(items)} "
+                        "(raise max_per_task)")
     texts, layout = [], []  # per item: (first text index, how many, what is scored)
     for i, item in enumerate(items):
-        shots = [items[j] for j in random.Random(FEWSHOT_SEED + i).sample([j for j in range(len(items)) if j != i], K)]
+        # = sample(the other items' indices, K): range(n - 1) skipping i samples the same, without an O(n) list
+        shots = [items[j + (j >= i)] for j in random.Random(FEWSHOT_SEED + i).sample(range(len(items) - 1), K)]
         head = _fewshot_text(kind, shots, delim)
         if kind == "multiple_choice":
             prompts = [f"{head}{item['query']}{delim}{c}" for c in item["choices"]]

@@ -20,6 +20,10 @@ from nanochat_jax import model as model_lib
 from nanochat_jax import sharding
 
 MIN_LEN = 64
+# Scored positions per row, at least: CORE's continuations and choices are mostly shorter, so nearly every
+# batch has the same span and compiles go with the length buckets only. The LM head on 32 positions adds
+# ~15% to a 64-token row's forward (d20), ~2% to a 512-token one's.
+MIN_SPAN = 32
 TRACES = collections.Counter()
 
 
@@ -61,8 +65,10 @@ def _choose(params, tokens_BxT, last_B, ids_BxK, cfg):
 class Forward:
     """Params laid out on `mesh`; score / choose over any number of sequences in bucketed batches."""
 
-    def __init__(self, params, cfg: model_lib.ModelConfig, mesh, batch_tokens: int, max_rows: int, pad_id: int = 0):
-        self.cfg = dataclasses.replace(cfg, remat="none")  # no backward pass: nothing to recompute
+    def __init__(self, params, cfg: model_lib.ModelConfig, mesh, batch_tokens: int, max_rows: int, pad_id: int = 0,
+                 scan_layers: bool = True):
+        # no backward pass: nothing to recompute; layers scanned: each length bucket compiles faster
+        self.cfg = dataclasses.replace(cfg, remat="none", scan_layers=scan_layers)
         self.mesh, self.batch_tokens, self.max_rows, self.pad_id = mesh, batch_tokens, max_rows, pad_id
         self.params = jax.device_put(params, sharding.tree_shardings(params, mesh))
         self.rows2, self.rows1 = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
@@ -101,7 +107,7 @@ class Forward:
         """(mean cross-entropy of tokens [start, end), greedy reproduces them all) of each sequence."""
         pending = []
         for T, rows, idx in self._batches(seqs):
-            span = bucket(max(ends[i] - starts[i] for i in idx), 8)
+            span = bucket(max(ends[i] - starts[i] for i in idx), MIN_SPAN)
             tokens, s, e = self._put(seqs, idx, T, rows, (starts, 1), (ends, 1))
             pending.append((idx, self._score(self.params, tokens, s, e, span)))
         mean, match = np.zeros(len(seqs), np.float64), np.zeros(len(seqs), bool)
