@@ -117,16 +117,20 @@ def bench_core(params, cfg, tok, args):
     for rep in range(args.repeat):
         traces = likelihood.TRACES["score"]
         t0 = time.perf_counter()
-        ev = core.evaluate(tasks, forward, tok)
+        ev = {"results": {}}
+        for task in tasks:  # core.evaluate's loop, with the device memory read after each task
+            ev["results"][task["label"]] = dict(core.score_task(task, forward, tok), type=task["type"],
+                                                num_fewshot=task["num_fewshot"], memory=_memory())
         wall = time.perf_counter() - t0
         print(f"\nCORE pass {rep + 1} ({'cold: includes compiles' if rep == 0 else 'warm'}): {wall:.1f} s for "
               f"{sum(r['examples'] for r in ev['results'].values()):,} examples, "
               f"{likelihood.TRACES['score'] - traces} compiles; memory after: {_memory()}")
-        print(f"{'task':<34} {'type':<18} {'shots':>5} {'rows':>5} {'seqs':>6} {'tokens':>10} {'s':>7} {'ex/s':>8}")
+        print(f"{'task':<34} {'type':<18} {'shots':>5} {'rows':>5} {'seqs':>6} {'tokens':>10} {'s':>7} {'ex/s':>8}  "
+              "device memory after the task")
         by_type = collections.defaultdict(lambda: [0, 0.0, 0])
         for label, r in ev["results"].items():
             print(f"{label:<34} {r['type']:<18} {r['num_fewshot']:>5} {r['examples']:>5} {r['sequences']:>6} "
-                  f"{r['tokens']:>10,} {r['seconds']:>7.2f} {r['examples'] / r['seconds']:>8.1f}")
+                  f"{r['tokens']:>10,} {r['seconds']:>7.2f} {r['examples'] / r['seconds']:>8.1f}  {r['memory']}")
             t = by_type[r["type"]]
             t[0], t[1], t[2] = t[0] + r["examples"], t[1] + r["seconds"], t[2] + r["tokens"]
         for kind, (n, s, tokens) in by_type.items():

@@ -274,9 +274,10 @@ def test_score_compiles_once_per_bucket_not_per_example(forward):
     forward.score(seqs, starts, ends)
     shapes = {(likelihood.bucket(len(s), likelihood.MIN_LEN)) for s in seqs}
     assert likelihood.TRACES["score"] - before <= len(shapes) == 3  # 64, 128, 256; span 32 for all
-    before = likelihood.TRACES["score"]
+    before, live = likelihood.TRACES["score"], len(jax.live_arrays())
     forward.score(seqs[::-1], starts[::-1], ends[::-1])  # another eval of the same shapes: no compile
     assert likelihood.TRACES["score"] == before
+    assert len(jax.live_arrays()) == live  # and nothing left behind on the device: memory stays flat
     assert forward.rows_for(64) == 16 and forward.rows_for(256) == 8  # 1024 tokens a batch, rows a multiple of 8
 
 
@@ -297,6 +298,7 @@ def save_checkpoint(base_dir, stage, config, params, tok, step):
 def test_base_eval_stage(tmp_path, server, model, tok):
     url, _ = server
     params, _, config = model
+    config = config.copy_and_resolve_references()
     config.base_dir, config.data.dir = str(tmp_path / "run"), str(tmp_path / "data")
     config.eval.core_bundle_url = f"{url}/eval_bundle.zip"
     with pytest.raises(UserError, match="no finished checkpoint at step 3"):
@@ -394,6 +396,7 @@ def test_chat_evals_categorical_generative_and_chatcore(model, tok, forward):
 
 def test_chat_eval_stage_reads_the_sft_checkpoint_and_marks_missing_tasks(tmp_path, model, tok, monkeypatch):
     params, _, config = model
+    config = config.copy_and_resolve_references()
     config.base_dir = str(tmp_path / "run")
     config.eval.chat_tasks = "ARC-Easy,GSM8K"
     with pytest.raises(UserError, match="no checkpoint of stage 'sft'"):
@@ -414,3 +417,61 @@ def test_chat_eval_stage_reads_the_sft_checkpoint_and_marks_missing_tasks(tmp_pa
     assert chat_eval.stage_done(config, "chat_eval") and not chat_eval.stage_done(config, "rl_eval")
     with pytest.raises(UserError, match="unknown chat eval task"):
         chat_eval.parse_tasks("ARC-Easy,Nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# The wheel: evals ships in it, and works from outside the checkout
+
+
+def test_wheel_installs_in_a_fresh_venv_and_runs_outside_the_checkout(tmp_path, model, tok):
+    """maturin builds the wheel (incremental in tokenizer_rs/target: seconds once setup.sh has built the
+    crate); a fresh venv gets it with pip --no-deps and sees the other dependencies through a path
+    entry to this interpreter's site-packages (no network, and not this checkout: the path is added
+    without running its .pth files, so an editable install there stays out)."""
+    import os
+    import site
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    built = run(sys.executable, "-m", "maturin", "build", "--release", "-o", str(tmp_path / "dist"), cwd=repo)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("nanochat_jax-*.whl"))
+    assert {"evals/core.py", "evals/chat_eval.py", "evals/tok_eval.py"} <= set(zipfile.ZipFile(wheel).namelist())
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--without-pip", str(venv)).returncode == 0
+    py = str(venv / "bin" / "python")
+    venv_site = run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    with open(os.path.join(venv_site, "shared_deps.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    installed = run(sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", str(wheel))
+    assert installed.returncode == 0, installed.stderr
+
+    outside = tmp_path / "elsewhere"
+    (outside / "text").mkdir(parents=True)
+    rng = random.Random(1)
+    for i in range(20):
+        (outside / "text" / f"{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(200)))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NANOCHAT_BASE_DIR")}
+    env["JAX_PLATFORMS"] = "cpu"
+    where = run(py, "-c", "import nanochat_jax, evals.tok_eval, evals.core; print(nanochat_jax.__file__, "
+                "evals.core.__file__)", cwd=outside, env=env)
+    assert where.returncode == 0, where.stderr
+    assert all(path.startswith(venv_site) for path in where.stdout.split()), where.stdout
+    trained = run(py, "-m", "nanochat_jax.tokenizer", "train", "--input", "text", "--vocab-size", "300", "--out",
+                  "run/tokenizer", cwd=outside, env=env)
+    assert trained.returncode == 0 and "trained 300 tokens" in trained.stdout, trained.stderr
+
+    # a tiny CORE eval from the installed package: a base checkpoint paired with that tokenizer
+    params, _, config = model
+    wheel_tok = Tokenizer.load(outside / "run" / "tokenizer")
+    assert wheel_tok.vocab_size == tok.vocab_size
+    save_checkpoint(outside / "run", "base", config, params, wheel_tok, 3)
+    with zipfile.ZipFile(io.BytesIO(bundle_zip())) as z:
+        z.extractall(outside)
+    evaluated = run(py, "-m", "evals.core", "--stage", "base", "--base_dir", "run", "--bundle", "eval_bundle",
+                    "--max-per-task", "6", cwd=outside, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "## CORE (base, step 3)" in evaluated.stdout and "| lm_words | language_modeling | 1 | 6 |" in evaluated.stdout
+    assert json.loads((outside / "run" / "evals" / "core_base.json").read_text())["step"] == 3
