@@ -169,10 +169,26 @@ def stage_done(config, stage: str) -> bool:
         and done.get("max_problems") == config.eval.chat_max_problems
 
 
+def _require_finished(config, source: str) -> None:
+    """The training stage must be complete before its eval runs (an eval never races a run's last save)."""
+    import importlib
+
+    from nanochat_jax.config import STAGES
+    try:
+        module = importlib.import_module(STAGES[source])
+    except ModuleNotFoundError:  # that stage's module is not in this tree: the checkpoint's own steps decide
+        log.warning("%s: cannot ask %s whether %s finished; evaluating its latest complete checkpoint",
+                    source, STAGES[source], source)
+        return
+    if not module.stage_done(config, source):
+        raise UserError(f"{source} has not finished (no final checkpoint yet): run it first")
+
+
 def run_stage(config, stage: str) -> dict:
-    """Pipeline stages `chat_eval` (the sft checkpoint) and `rl_eval` (the rl one): the latest complete
-    checkpoint (Orbax lists a step only once it is fully on disk)."""
+    """Pipeline stages `chat_eval` (the sft checkpoint) and `rl_eval` (the rl one), once that stage is done:
+    its latest complete checkpoint (Orbax lists a step only once it is fully on disk)."""
     names = parse_tasks(config.eval.chat_tasks)
+    _require_finished(config, SOURCE_STAGE[stage])
     ev = run(config.base_dir, SOURCE_STAGE[stage], None, names, config.eval.chat_max_problems, config)
     path = results_path(config.base_dir, stage)
     _write_json(path, dict(ev, tasks=config.eval.chat_tasks))

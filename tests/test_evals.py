@@ -411,6 +411,15 @@ def test_chat_eval_stage_reads_the_sft_checkpoint_and_marks_missing_tasks(tmp_pa
 
     monkeypatch.setattr(chat_eval, "load_eval_task", load)
     assert not chat_eval.stage_done(config, "chat_eval")
+    import sys
+    import types
+    sft = types.ModuleType("nanochat_jax.chat_train")  # the sft stage's module, as the pipeline has it
+    sft.stage_done = lambda config, stage: finished
+    monkeypatch.setitem(sys.modules, "nanochat_jax.chat_train", sft)
+    finished = False
+    with pytest.raises(UserError, match="sft has not finished"):
+        chat_eval.run_stage(config, "chat_eval")
+    finished = True
     out = chat_eval.run_stage(config, "chat_eval")
     assert set(out["metrics"]) == {"ARC-Easy"} and "Chat evals (sft, step 4)" in out["report"]
     assert "not run (GSM8K needs a download)" in out["report"] and "Not run (not in config.eval.chat_tasks" in out["report"]
