@@ -30,6 +30,7 @@ import numpy as np
 from evals import core, likelihood
 from nanochat_jax import model as model_lib
 from nanochat_jax import sharding
+from nanochat_jax.config import base_config
 from nanochat_jax.engine import Engine
 from nanochat_jax.tokenizer import SPECIAL_TOKENS
 
@@ -110,10 +111,10 @@ def _memory() -> str:
 
 
 def bench_core(params, cfg, tok, args):
-    mesh = sharding.make_mesh(type("Mesh", (), dict(data=-1, fsdp=1))())
+    mesh = sharding.make_mesh(base_config().mesh)  # every device, data parallel
     forward = likelihood.Forward(params, cfg, mesh, args.batch_tokens, args.max_rows, pad_id=tok.bos_id,
                                  scan_layers=not args.unrolled)
-    tasks = synthetic_tasks(cfg.vocab_size, args.per_task)
+    tasks = [t for t in synthetic_tasks(cfg.vocab_size, args.per_task) if not args.tasks or t["label"] in args.tasks]
     for rep in range(args.repeat):
         traces = likelihood.TRACES["score"]
         t0 = time.perf_counter()
@@ -172,10 +173,15 @@ def main(argv=None):
     p.add_argument("--max-new", type=int, default=512)
     p.add_argument("--gen-batch", default="128", help="comma-separated prompts per generation batch")
     p.add_argument("--skip", default="", help="core and/or gsm8k")
+    p.add_argument("--tasks", default="", help="comma-separated CORE tasks (default: all 22)")
     args = p.parse_args(argv)
     if args.tiny:
         args.depth, args.vocab, args.dtype, args.per_task, args.problems, args.max_new = 2, 1024, "float32", 12, 12, 16
         args.batch_tokens, args.max_rows, args.gen_batch = 4096, 64, "8"
+    unknown = set(filter(None, args.tasks.split(","))) - set(CORE_SHAPES)
+    if unknown:
+        p.error(f"unknown CORE task(s) {sorted(unknown)}")
+    args.tasks = set(filter(None, args.tasks.split(",")))
     args.gen_batch = [int(b) for b in args.gen_batch.split(",")]
     cfg = model_lib.ModelConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=2048,
                                            compute_dtype="auto" if args.dtype == "bfloat16" else "float32",

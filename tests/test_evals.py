@@ -484,3 +484,19 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_outside_the_checkout(tmp_path, 
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "## CORE (base, step 3)" in evaluated.stdout and "| lm_words | language_modeling | 1 | 6 |" in evaluated.stdout
     assert json.loads((outside / "run" / "evals" / "core_base.json").read_text())["step"] == 3
+
+
+def test_eval_bench_runs_on_cpu(capsys):
+    """bench/evals.py --tiny, on one task of each type and few generations: it runs and prints its tables."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "evals.py")
+    spec = importlib.util.spec_from_file_location("bench_evals", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert len(bench.CORE_SHAPES) == 22
+    bench.main(["--tiny", "--tasks", "copa,winograd,bigbench_operators", "--skip", ""])
+    out = capsys.readouterr().out
+    assert "CORE pass 1" in out and "bigbench_operators" in out and "schema" in out
+    assert "GSM8K-shaped generation, 12 prompts, batch 8" in out and "rows ran to 16 tokens" in out
