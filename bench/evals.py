@@ -174,6 +174,8 @@ def main(argv=None):
     p.add_argument("--gen-batch", default="128", help="comma-separated prompts per generation batch")
     p.add_argument("--skip", default="", help="core and/or gsm8k")
     p.add_argument("--tasks", default="", help="comma-separated CORE tasks (default: all 22)")
+    p.add_argument("--compile-cache", default=None, help="JAX's persistent compilation cache in DIR (as the pipeline "
+                   "keeps one per run): a second run of the same command loads the programs instead of compiling")
     args = p.parse_args(argv)
     if args.tiny:
         args.depth, args.vocab, args.dtype, args.per_task, args.problems, args.max_new = 2, 1024, "float32", 12, 12, 16
@@ -183,6 +185,9 @@ def main(argv=None):
         p.error(f"unknown CORE task(s) {sorted(unknown)}")
     args.tasks = set(filter(None, args.tasks.split(",")))
     args.gen_batch = [int(b) for b in args.gen_batch.split(",")]
+    if args.compile_cache:
+        from nanochat_jax.checkpoint import use_compile_cache
+        print(f"compilation cache: {use_compile_cache(args.compile_cache)}")
     cfg = model_lib.ModelConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=2048,
                                            compute_dtype="auto" if args.dtype == "bfloat16" else "float32",
                                            attention="auto" if args.dtype == "bfloat16" else "xla")
