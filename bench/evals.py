@@ -83,13 +83,16 @@ class WordTokenizer:
         return " ".join(f"w{i}" for i in ids if i < self.bos_id)
 
 
-def synthetic_tasks(vocab: int, per_task: int, seed: int = 0) -> list[dict]:
+def synthetic_tasks(vocab: int, per_task: int, seed: int = 0, only: str | None = None, cap: bool = True) -> list[dict]:
+    """Tasks of CORE_SHAPES with min(per_task, the task's size) rows (per_task rows when not cap)."""
     rng = random.Random(seed)
     n_words = vocab - len(SPECIAL_TOKENS)
     text = lambda n: " ".join(f"w{rng.randrange(n_words)}" for _ in range(max(1, round(n * rng.uniform(0.7, 1.3)))))
     tasks = []
     for label, (kind, shots, choices, rows, q, c, cont) in CORE_SHAPES.items():
-        rows = min(rows, per_task)
+        if only and label != only:
+            continue
+        rows = min(rows, per_task) if cap else per_task
         if kind == "multiple_choice":
             items = [dict(query=text(q), choices=[text(c) for _ in range(choices)], gold=rng.randrange(choices))
                      for _ in range(rows)]
@@ -138,6 +141,21 @@ def bench_core(params, cfg, tok, args):
             print(f"  {kind:<18} {n:>6,} examples {s:7.1f} s  {n / s:8.1f} examples/s  {tokens / s:12,.0f} tokens/s")
 
 
+def bench_full_task(params, cfg, tok, args):
+    """The reference's users see HellaSwag slow down and leak memory over the whole task: ours over its
+    10,042 rows (10-shot), timed and measured in four quarters."""
+    forward = likelihood.Forward(params, cfg, sharding.make_mesh(base_config().mesh), args.batch_tokens,
+                                 args.max_rows, pad_id=tok.bos_id, scan_layers=not args.unrolled)
+    task = synthetic_tasks(cfg.vocab_size, 48 if args.tiny else 10042, seed=1, only="hellaswag", cap=False)[0]
+    print(f"\nhellaswag, all {len(task['items']):,} rows in four quarters (each quarter's few-shot pool is itself):")
+    quarter = len(task["items"]) // 4
+    for q in range(4):
+        part = dict(task, items=task["items"][q * quarter:(q + 1) * quarter])
+        r = core.score_task(part, forward, tok)
+        print(f"  quarter {q + 1}: {r['examples']:,} examples in {r['seconds']:.1f} s, "
+              f"{r['examples'] / r['seconds']:.1f} examples/s; device memory: {_memory()}")
+
+
 def bench_gsm8k(params, cfg, tok, args):
     engine = Engine(params, cfg, tok)
     rng = np.random.default_rng(0)
@@ -172,7 +190,7 @@ def main(argv=None):
     p.add_argument("--problems", type=int, default=1319)
     p.add_argument("--max-new", type=int, default=512)
     p.add_argument("--gen-batch", default="128", help="comma-separated prompts per generation batch")
-    p.add_argument("--skip", default="", help="core and/or gsm8k")
+    p.add_argument("--skip", default="", help="any of core, full (HellaSwag's 10,042 rows), gsm8k")
     p.add_argument("--tasks", default="", help="comma-separated CORE tasks (default: all 22)")
     p.add_argument("--compile-cache", default=None, help="JAX's persistent compilation cache in DIR (as the pipeline "
                    "keeps one per run): a second run of the same command loads the programs instead of compiling")
@@ -199,6 +217,8 @@ def main(argv=None):
     tok = WordTokenizer(cfg.vocab_size)
     if "core" not in args.skip:
         bench_core(params, cfg, tok, args)
+    if "full" not in args.skip:
+        bench_full_task(params, cfg, tok, args)
     if "gsm8k" not in args.skip:
         bench_gsm8k(params, cfg, tok, args)
 

@@ -500,3 +500,4 @@ def test_eval_bench_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "CORE pass 1" in out and "bigbench_operators" in out and "schema" in out
     assert "GSM8K-shaped generation, 12 prompts, batch 8" in out and "rows ran to 16 tokens" in out
+    assert "hellaswag, all 48 rows in four quarters" in out and "quarter 4: 12 examples" in out
