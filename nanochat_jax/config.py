@@ -124,6 +124,16 @@ def base_config() -> ml_collections.ConfigDict:
     # --- RL (STAGES.md §4), evals (§5), report and chat app (§7): sections filled by their stages ---
     c.rl = ml_collections.ConfigDict()
     c.eval = ml_collections.ConfigDict()
+    # CORE (base_eval): DCLM's bundle, fetched once into <data.dir>/eval_bundle; "" = no bundle (offline)
+    c.eval.core_bundle_url = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+    c.eval.core_max_per_task = -1  # -1 = every example of each task (the reference's in-training CORE: 500)
+    c.eval.batch_tokens = 65_536  # tokens per likelihood forward (CORE, categorical chat tasks)
+    c.eval.max_rows = 256  # rows per likelihood forward at most
+    # chat evals (chat_eval after sft, rl_eval after rl)
+    c.eval.chat_tasks = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
+    c.eval.chat_max_problems = -1  # -1 = the whole test set (synthetic tasks: 256 problems)
+    c.eval.max_new_tokens = 512  # generative tasks, greedy, calculator on
+    c.eval.generate_batch_size = 128  # prompts per on-device generation batch
     c.report = ml_collections.ConfigDict()
     c.report.gpu_hour_price = 3.0  # $ per GPU-hour, for the report's cost line
 
@@ -234,6 +244,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 check_mixture(_get(c, key))
             except UserError as e:
                 raise ConfigError(f"config.{key}: {e}") from None
+    for key in ("batch_tokens", "max_rows", "max_new_tokens", "generate_batch_size"):
+        if not c.eval[key] > 0:
+            raise ConfigError(f"config.eval.{key} must be > 0, got {c.eval[key]!r}")
+    for key in ("core_max_per_task", "chat_max_problems"):
+        if c.eval[key] == 0 or c.eval[key] < -1:
+            raise ConfigError(f"config.eval.{key} must be > 0 or -1 (all), got {c.eval[key]}")
     stages = [s.strip() for s in c.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in KNOWN_STAGES]
     if unknown:
