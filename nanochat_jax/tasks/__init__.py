@@ -11,11 +11,12 @@ stays light (no jax). Datasets: `python -m nanochat_jax.tasks download [TASK ...
 from __future__ import annotations
 
 import importlib
+import os
 
 from nanochat_jax.config import UserError
 from nanochat_jax.tasks.base import Mixture, Task, TaskSequence
 
-__all__ = ["Mixture", "Task", "TaskSequence", "TASKS", "load_task", "load_mixture", "check_mixture", "parse_mixture"]
+__all__ = ["Mixture", "Task", "TaskSequence", "TASKS", "tasks_dir", "load_task", "load_mixture", "check_mixture", "parse_mixture"]
 
 TASKS = {  # name -> (module, class)
     "smoltalk": ("nanochat_jax.tasks.smoltalk", "SmolTalk"),
@@ -29,6 +30,11 @@ TASKS = {  # name -> (module, class)
     "identity": ("nanochat_jax.tasks.identity", "Identity"),
     "arithmetic": ("nanochat_jax.tasks.synthetic", "Arithmetic"),
 }
+
+
+def tasks_dir(config) -> str:
+    """Where a run's task datasets live: <config.data.dir>/tasks."""
+    return os.path.join(os.path.expanduser(config.data.dir), "tasks")
 
 
 def task_class(name: str) -> type:
