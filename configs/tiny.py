@@ -47,6 +47,7 @@ def get_config():
     c.sft.eval_every = 50
     c.sft.val_conversations = 128
     c.sft.save_every = 25
+    c.sft.mc_eval_tasks = ""  # MMLU and ARC need a download
     # Offline: no CORE bundle (base_eval says so and reports no score); the chat evals run the tasks that
     # need no download, on few problems
     c.eval.core_bundle_url = ""

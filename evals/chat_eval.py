@@ -71,14 +71,16 @@ def run_categorical(task, forward, tokenizer) -> tuple[int, int]:
     return correct, len(convs)
 
 
-def run_generative(task, engine, tokenizer, max_new_tokens: int, batch_size: int) -> tuple[int, int, int]:
-    """-> (correct, total, tokens generated): one greedy reply per problem, calculator on."""
+def run_generative(task, engine, tokenizer, max_new_tokens: int, batch_size: int) -> tuple[int, int, int, int]:
+    """-> (correct, total, tokens generated, prompts too long): one greedy reply per problem, calculator on.
+    A prompt that leaves the model no room to answer in its context is scored wrong and counted."""
     convs = [task[i] for i in range(len(task))]
     prompts = [tokenizer.render_for_completion(c) for c in convs]
-    rows, _ = engine.generate_batch(prompts, max_tokens=max_new_tokens, temperature=0.0, use_tools=True,
-                                    batch_size=batch_size)
-    correct = sum(bool(task.score(c, tokenizer.decode(r))) for c, r in zip(convs, rows))
-    return correct, len(convs), sum(map(len, rows))
+    fits = [i for i, p in enumerate(prompts) if len(p) < engine.cfg.sequence_len]
+    rows, _ = engine.generate_batch([prompts[i] for i in fits], max_tokens=max_new_tokens, temperature=0.0,
+                                    use_tools=True, batch_size=batch_size) if fits else ([], [])
+    correct = sum(bool(task.score(convs[i], tokenizer.decode(r))) for i, r in zip(fits, rows))
+    return correct, len(convs), sum(map(len, rows)), len(convs) - len(fits)
 
 
 def evaluate(names, load, forward, engine, tokenizer, max_new_tokens: int, batch_size: int) -> dict:
@@ -96,8 +98,11 @@ def evaluate(names, load, forward, engine, tokenizer, max_new_tokens: int, batch
             correct, total = run_categorical(task, forward, tokenizer)
             extra = {}
         elif task.eval_type == "generative":
-            correct, total, n_tokens = run_generative(task, engine, tokenizer, max_new_tokens, batch_size)
-            extra = dict(tokens_generated=n_tokens)
+            correct, total, n_tokens, too_long = run_generative(task, engine, tokenizer, max_new_tokens, batch_size)
+            extra = dict(tokens_generated=n_tokens, prompts_too_long=too_long)
+            if too_long:
+                log.warning("chat eval %s: %d of %d prompts do not fit the %d-token context: scored wrong", name,
+                            too_long, total, engine.cfg.sequence_len)
         else:
             raise UserError(f"{name}: task {task.name} has no eval_type")
         seconds = time.perf_counter() - t0
@@ -127,6 +132,10 @@ def markdown(ev: dict, title: str, note: str = "") -> str:
             continue
         lines.append(f"| {name} | {r['kind']} | {r['problems']:,} | {r['accuracy']:.4f} | {r['centered']:+.4f} | "
                      f"{card} | {r['problems'] / max(r['seconds'], 1e-9):,.1f} |")
+    for name, r in ev["results"].items():
+        if r.get("prompts_too_long"):
+            lines.append(f"\n{name}: {r['prompts_too_long']} of {r['problems']} prompts do not fit the model's context "
+                         "(scored wrong).")
     for key, members in (("ChatCORE", CHATCORE_5), ("ChatCORE_6", CHATCORE_6)):
         card = f" (card: {CARD_CHATCORE})" if key == "ChatCORE" else ""
         value = f"**{ev[key]:.4f}**" if key in ev else f"not computed (needs {', '.join(members)})"
@@ -210,6 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base_dir", default=os.environ.get("NANOCHAT_BASE_DIR", "runs/tiny"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-restore internals
     try:
         if args.max_problems == 0 or args.max_problems < -1:
             raise UserError(f"--max-problems must be > 0 or -1, got {args.max_problems}")

@@ -338,6 +338,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", default=None, help="bundle URL, local zip or folder (default: config.eval.core_bundle_url)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-restore internals
     try:
         if args.max_per_task == 0 or args.max_per_task < -1:
             raise UserError(f"--max-per-task must be > 0 or -1, got {args.max_per_task}")

@@ -72,6 +72,27 @@ def _val_loss_eval(mesh, model_cfg, rendered, rows: int, pad_id: int):
     return evaluate
 
 
+def _mc_eval(config, model_cfg, mesh, tokenizer, section):
+    """fn(params) -> {task: accuracy} of the categorical tasks in section.mc_eval_tasks (argmax over the answer
+    letters, evals/chat_eval.py), on at most section.mc_eval_problems problems each. One Forward: the
+    likelihood programs compile once and every evaluation swaps in the current params."""
+    from evals.chat_eval import load_eval_task, parse_tasks, run_categorical
+    from evals.likelihood import Forward
+
+    tasks = {n: load_eval_task(n, section.mc_eval_problems or -1, tasks_dir(config))
+             for n in parse_tasks(section.mc_eval_tasks)}
+    forward = []
+
+    def evaluate(params):
+        if not forward:
+            forward.append(Forward(params, model_cfg, mesh, config.eval.batch_tokens, config.eval.max_rows,
+                                   tokenizer.bos_id))
+        forward[0].params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+        return {n: correct / total for n, (correct, total) in
+                ((n, run_categorical(task, forward[0], tokenizer)) for n, task in tasks.items())}
+    return evaluate
+
+
 def _chat_samples(params, model_cfg, tokenizer, val: TaskSequence) -> list[tuple[str, str]]:
     """A few held-out prompts and the model's greedy answers (calculator on)."""
     from nanochat_jax.engine import Engine
@@ -130,6 +151,8 @@ def run_stage(config, stage: str) -> dict:
             val_rendered = [r for r in (chat_data.render(tokenizer, val[i], T + 1, val_counts)
                                         for i in range(min(len(val), section.val_conversations))) if r is not None]
             evals.append((section.eval_every, _val_loss_eval(mesh, model_cfg, val_rendered, rows_per_micro, pad_id)))
+        if section.mc_eval_tasks:
+            evals.append((section.mc_eval_every, _mc_eval(config, model_cfg, mesh, tokenizer, section)))
         val_key = "val_loss"
     n_iter = section.num_iterations if section.num_iterations > 0 else source.steps_per_epoch
     log.info("%s: %s conversations (%s), %d steps of %d rows (%d steps make one epoch)", stage,

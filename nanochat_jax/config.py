@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.eval_every = 100
     c.sft.eval_tokens = 0  # SFT's val loss runs over val_conversations instead
     c.sft.val_conversations = 1024
-    c.sft.mc_eval_every = 200  # MMLU / ARC-Easy accuracy (categorical)
+    c.sft.mc_eval_tasks = "MMLU,ARC-Easy"  # accuracy (categorical) during SFT; "" = none
+    c.sft.mc_eval_every = 200
     c.sft.mc_eval_problems = 1024
 
     # --- RL (STAGES.md §4), evals (§5), report and chat app (§7): sections filled by their stages ---
