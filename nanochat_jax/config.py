@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.95
     c.train.adam_eps = 1e-10
     c.train.grad_clip = 1.0  # global norm; 0 = off
+    c.train.init_lr_frac = 1.0  # every LR x this x the schedule's multiplier (SFT 0.02, RL 0.05)
     c.train.warmup_ratio = 0.0
     c.train.warmdown_ratio = 0.2
     c.train.final_lr_frac = 0.0
@@ -117,12 +118,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.eval_every = 100
     c.sft.eval_tokens = 0  # SFT's val loss runs over val_conversations instead
     c.sft.val_conversations = 1024
-    c.sft.mc_eval_every = 200  # MMLU / ARC-Easy accuracy (categorical)
+    c.sft.mc_eval_tasks = "MMLU,ARC-Easy"  # accuracy (categorical) during SFT; "" = none
+    c.sft.mc_eval_every = 200
     c.sft.mc_eval_problems = 1024
 
     # --- RL (STAGES.md §4), evals (§5), report and chat app (§7): sections filled by their stages ---
     c.rl = ml_collections.ConfigDict()
     c.eval = ml_collections.ConfigDict()
+    # CORE (base_eval): DCLM's bundle, fetched once into <data.dir>/eval_bundle; "" = no bundle (offline)
+    c.eval.core_bundle_url = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+    c.eval.core_max_per_task = -1  # -1 = every example of each task (the reference's in-training CORE: 500)
+    c.eval.batch_tokens = 65_536  # tokens per likelihood forward (CORE, categorical chat tasks)
+    c.eval.max_rows = 256  # rows per likelihood forward at most
+    # chat evals (chat_eval after sft, rl_eval after rl)
+    c.eval.chat_tasks = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
+    c.eval.chat_max_problems = -1  # -1 = the whole test set (synthetic tasks: 256 problems)
+    c.eval.max_new_tokens = 512  # generative tasks, greedy, calculator on
+    c.eval.generate_batch_size = 128  # prompts per on-device generation batch
     c.report = ml_collections.ConfigDict()
     c.report.gpu_hour_price = 3.0  # $ per GPU-hour, for the report's cost line
     # the Gradio chat (python -m nanochat_jax.chat_app); limits as the reference's web chat (STAGES.md §7)
@@ -151,7 +163,6 @@ def _chat_stage_section(train: ml_collections.ConfigDict) -> ml_collections.Conf
     the chat recipe's differences: fresh optimiser, no weight decay or clipping, one epoch."""
     s = ml_collections.ConfigDict(train.to_dict())
     s.num_iterations = -1  # -1 = one epoch of the mixture
-    s.init_lr_frac = 1.0  # LR multiplier at step 0 (x the schedule)
     s.weight_decay = 0.0
     s.grad_clip = 0.0
     s.warmup_ratio = 0.0
@@ -185,24 +196,27 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "data.source": ("fineweb", "embedded"),
     "model.residual_dtype": ("float32", "compute"),
+    "mid.supervise": ("all", "assistant"),
 }
+_TRAINING_SECTIONS = ("train", "mid", "sft")  # sections train.train_loop reads: the same checks for each
 _POSITIVE = (
     "model.depth", "model.aspect_ratio", "model.head_dim", "model.sequence_len",
     "tokenizer.vocab_size", "tokenizer.max_chars", "tokenizer.doc_cap",
     "data.num_shards", "data.download_workers", "data.tokenizer_threads",
-    "train.device_batch_size", "train.total_batch_size", "train.log_every", "train.eval_every",
-    "train.eval_tokens", "train.sample_every", "train.save_every", "train.keep_checkpoints",
-    "train.embedding_lr", "train.unembedding_lr", "train.matrix_lr", "train.adam_eps",
+    *(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
+        "device_batch_size", "total_batch_size", "log_every", "eval_every", "save_every", "keep_checkpoints",
+        "embedding_lr", "unembedding_lr", "matrix_lr", "adam_eps", "init_lr_frac")),
+    "train.eval_tokens", "train.sample_every", "mid.eval_tokens", "sft.val_conversations", "sft.mc_eval_every",
 )
-_FRACTIONS = (
-    "train.warmup_ratio", "train.warmdown_ratio", "train.final_lr_frac",
-    "train.adam_b1", "train.adam_b2", "train.muon_momentum_start", "train.muon_momentum_end",
-)
+_FRACTIONS = tuple(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
+    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "adam_b1", "adam_b2", "muon_momentum_start",
+    "muon_momentum_end"))
+_NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "sft.mc_eval_problems",
+                 *(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
+                     "weight_decay", "grad_clip", "muon_momentum_warmup_steps")))
 _POSITIVE += ("chat.top_k", "chat.max_tokens", "chat.max_top_k", "chat.max_max_tokens", "chat.max_messages",
               "chat.max_message_chars", "chat.max_total_chars", "chat.concurrency", "chat.queue_size",
               "chat.timeout_s", "chat.loaded_models")
-_NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "train.weight_decay", "train.grad_clip",
-                 "train.muon_momentum_warmup_steps")
 
 
 def _get(c, dotted):
@@ -234,10 +248,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 256 + 9 <= c.tokenizer.vocab_size <= MAX_VOCAB_SIZE:
         raise ConfigError(f"config.tokenizer.vocab_size must be in [265, {MAX_VOCAB_SIZE}] (256 bytes + 9 special "
                           f"tokens at least; int32 ids), got {c.tokenizer.vocab_size}")
-    if c.train.warmup_ratio + c.train.warmdown_ratio > 1.0:
-        raise ConfigError("config.train.warmup_ratio + config.train.warmdown_ratio must be <= 1")
-    if c.train.num_iterations == 0 or c.train.num_iterations < -1:
-        raise ConfigError(f"config.train.num_iterations must be > 0 or -1, got {c.train.num_iterations}")
+    for s in _TRAINING_SECTIONS:
+        if c[s].warmup_ratio + c[s].warmdown_ratio > 1.0:
+            raise ConfigError(f"config.{s}.warmup_ratio + config.{s}.warmdown_ratio must be <= 1")
+        if c[s].num_iterations == 0 or c[s].num_iterations < -1:
+            raise ConfigError(f"config.{s}.num_iterations must be > 0 or -1, got {c[s].num_iterations}")
     for key in ("data", "fsdp"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")
@@ -250,6 +265,19 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, bound in (("top_k", "max_top_k"), ("max_tokens", "max_max_tokens"), ("max_message_chars", "max_total_chars")):
         if ch[key] > ch[bound]:
             raise ConfigError(f"config.chat.{key}={ch[key]} must be <= config.chat.{bound}={ch[bound]}")
+    from nanochat_jax.tasks import check_mixture  # no jax, no data read: names, splits and sizes only
+    for key in ("mid.mixture", "mid.val_mixture", "sft.mixture", "sft.val_mixture"):
+        if _get(c, key):
+            try:
+                check_mixture(_get(c, key))
+            except UserError as e:
+                raise ConfigError(f"config.{key}: {e}") from None
+    for key in ("batch_tokens", "max_rows", "max_new_tokens", "generate_batch_size"):
+        if not c.eval[key] > 0:
+            raise ConfigError(f"config.eval.{key} must be > 0, got {c.eval[key]!r}")
+    for key in ("core_max_per_task", "chat_max_problems"):
+        if c.eval[key] == 0 or c.eval[key] < -1:
+            raise ConfigError(f"config.eval.{key} must be > 0 or -1 (all), got {c.eval[key]}")
     stages = [s.strip() for s in c.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in KNOWN_STAGES]
     if unknown:
