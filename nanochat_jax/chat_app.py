@@ -33,6 +33,7 @@ from nanochat_jax.engine import load_model
 from nanochat_jax.report import report_dir
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls home unless the user asks
 
 TOOL_TITLE = "🧮 calculator"
 STREAM_EVERY_S = 0.05  # at most ~20 UI updates a second per reply, whatever the token rate
