@@ -64,6 +64,13 @@ def default_checkpoint(labels: list[str], stage: str, step: int | None) -> str |
     return max(mine, key=lambda lab: int(_LABEL.match(lab)[2]), default=None)
 
 
+def launch_command(base_dir: str) -> str | None:
+    """The command that chats with the run's most advanced stage (rl, sft, mid, base); None without checkpoints."""
+    labels = list_checkpoints(base_dir)
+    stage = next((s for s in ("rl", "sft", "mid", "base") if default_checkpoint(labels, s, None)), None)
+    return stage and f"python -m nanochat_jax.chat_app --base_dir {base_dir} --stage {stage}"
+
+
 class Models:
     """Checkpoints loaded on demand and shared by every session; the `keep` last used stay loaded."""
 

@@ -153,7 +153,8 @@ def test_bad_input_gets_a_message_not_an_error(app, client):
 
 
 def test_checkpoint_that_fails_to_load_leaves_the_app_up(app, client):
-    assert "sft step 9" in chat_app.list_checkpoints(str(app["base"]))
+    assert chat_app.list_checkpoints(str(app["base"])) == ["sft step 5", "sft step 9"]
+    assert chat_app.launch_command(str(app["base"])) == f"python -m nanochat_jax.chat_app --base_dir {app['base']} --stage sft"
     info = client.predict("sft step 9", api_name="/load")
     assert info.startswith("Could not load checkpoint sft step 9")
     _, chat, status = client.predict("hi", [], "sft step 9", 0.8, 50, 8, api_name="/chat")
@@ -237,6 +238,7 @@ def test_report_markdown_serves_the_plots(app):
 
 
 def test_cli_without_checkpoints(tmp_path, capsys):
+    assert chat_app.launch_command(str(tmp_path)) is None
     assert chat_app.main(["--base_dir", str(tmp_path), "--port", "0"]) == 2
     assert "no checkpoints under" in capsys.readouterr().err
 
