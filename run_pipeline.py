@@ -11,7 +11,6 @@ that was killed half-way resumes or redoes its work. Logs go to the console and 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import sys
@@ -78,22 +77,12 @@ def run(config, stages: list[str], force: bool = False) -> list[dict]:
         t0 = time.time()
         result = module.run_stage(config, name)
         seconds = time.time() - t0
-        if result.get("report"):
-            report.write_section(config.base_dir, name, result["report"])
-        _write_metrics(config.base_dir, name, dict(result.get("metrics", {}), seconds=seconds))
+        metrics = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))}
+        report.write_section(config.base_dir, name, result.get("report", ""), dict(metrics, seconds=seconds))
         log.info("stage %s: done in %.1f s", name, seconds)
         rows.append(dict(stage=name, status="ran", seconds=seconds, outputs=result.get("outputs", []),
                          metrics=result.get("metrics", {})))
     return rows
-
-
-def _write_metrics(base_dir: str, stage: str, metrics: dict) -> None:
-    """<base_dir>/report/<stage>.json: the stage's numbers, for the report's summary table."""
-    path = os.path.join(report.report_dir(base_dir), f"{stage}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def _print_summary(rows: list[dict], base_dir: str, log_path: str) -> None:
@@ -105,6 +94,10 @@ def _print_summary(rows: list[dict], base_dir: str, log_path: str) -> None:
         for out in row["outputs"]:
             print(f"{'':<10} -> {out}")
     print(f"report: {os.path.join(base_dir, 'report.md')}\nlog:    {log_path}")
+    from nanochat_jax import chat_app  # imports gradio: only once the run is over
+    command = chat_app.launch_command(base_dir)
+    if command:
+        print(f"chat:   {command}")
 
 
 def main(argv):
