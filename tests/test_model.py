@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from nanochat_jax import model as M
+from nanochat_jax.kernels import relu2_mlp
 from nanochat_jax.config import ConfigError, base_config
 
 V, T = 256, 16
@@ -344,7 +345,7 @@ def test_cached_prefill_and_decode_match_full_logits(scan_layers, for_inference)
     p = random_params(cfg)
     if for_inference:
         p, cfg = M.inference_params(p, cfg)
-        assert cfg.kernel_layout == "out_in" and p["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, 4 * cfg.d_model, cfg.d_model)
+        assert cfg.weight_layout == "out_in" and p["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, 4 * cfg.d_model, cfg.d_model)
     seq = tokens((2, T))
     full = np.asarray(M.logits_fn(random_params(tiny(n_kv_head=2)), tiny(n_kv_head=2), seq))
     fwd = jax.jit(lambda c, t, pos: M.forward_cached(p, cfg, t, c, pos))
@@ -380,18 +381,18 @@ def test_bfloat16_compute_keeps_fp32_params_logits_and_loss():
 
 
 def test_relu2_mlp_backward_from_the_relu2_output_matches_autodiff():
-    """relu2_mlp (the fused MLP's VJP) differentiates through 2 sqrt(a) instead of 2 relu(u), a = relu(u)²:
+    """relu2_mlp.relu2_mlp (the fused MLP's VJP) differentiates through 2 sqrt(a) instead of 2 relu(u), a = relu(u)²:
     the same loss and gradients as autodiff of relu(h @ w_fc)² @ w_proj (fp32, with XLA standing in for
     the kernels), zero through u <= 0."""
     h = jax.random.normal(jax.random.key(0), (64, 32))
     w_fc = jax.random.normal(jax.random.key(1), (32, 96)) / 6
     w_proj = jax.random.normal(jax.random.key(2), (96, 32)) / 10
     g = jax.random.normal(jax.random.key(3), (64, 32))
-    up = lambda h, w: M.relu_squared(h @ w)
+    up = lambda h, w: relu2_mlp.relu_squared(h @ w)
     down_grad = lambda g, w, a: (g @ w) * 2 * jnp.sqrt(a)
     with jax.default_matmul_precision("highest"):
         want = jax.value_and_grad(lambda *p: jnp.sum((up(p[0], p[1]) @ p[2]) * g), argnums=(0, 1, 2))(h, w_fc, w_proj)
-        got = jax.value_and_grad(lambda *p: jnp.sum(M.relu2_mlp(*p, up, down_grad) * g), argnums=(0, 1, 2))(
+        got = jax.value_and_grad(lambda *p: jnp.sum(relu2_mlp.relu2_mlp(*p, up, down_grad) * g), argnums=(0, 1, 2))(
             h, w_fc, w_proj)
     assert 0.3 < float(jnp.mean(h @ w_fc > 0)) < 0.7  # both branches of the ReLU are exercised
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)

@@ -20,14 +20,31 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nanochat_jax.fused_matmul import on_hopper, plgpu, swizzled
+from nanochat_jax import kernels
+from nanochat_jax.kernels import mosaic_backend as plgpu
+from nanochat_jax.kernels.relu2_mlp import swizzled
+
+# ----------------------------------------------------------------------------------------------
+# The plain-JAX functions
+
+
+def reference_gram(x_MxK):
+    return x_MxK @ jnp.swapaxes(x_MxK, -1, -2)
+
+
+def reference_square(y_MxM):
+    return y_MxM @ y_MxM
+
+
+# ----------------------------------------------------------------------------------------------
+# The Mosaic GPU kernel
 
 TILE, TILE_K, STAGES = 128, 64, 3
 
 
 def supported(m: int, k: int, dtype) -> bool:
     """On a Hopper, bf16, and (m, k) operands that whole tiles cover."""
-    return on_hopper() and jnp.dtype(dtype) == jnp.bfloat16 and m % TILE == 0 and k % TILE_K == 0
+    return kernels.available("mosaic") and jnp.dtype(dtype) == jnp.bfloat16 and m % TILE == 0 and k % TILE_K == 0
 
 
 def _blocks_per_column(n: int) -> list[int]:
@@ -105,21 +122,25 @@ def _stack_gram(x_LxMxK):
                         thread_name="wg")(x_LxMxK)
 
 
-def _kernel_gram(x):
-    """x x^T by the kernel where it runs (a (..., m, k) stack, batched over the leading axes), else None."""
-    *lead, m, k = x.shape
-    if not supported(m, k, x.dtype):
+def _kernel_gram(x_MxK, choice):
+    """x x^T by the kernel where the switch and the shapes allow (a stack, batched over the leading axes),
+    else None."""
+    *lead, m, k = x_MxK.shape
+    if not (kernels.use(choice, "sym_matmul") and supported(m, k, x_MxK.dtype)):
         return None
-    return _stack_gram(x.reshape(-1, m, k)).reshape(*lead, m, m)
+    return _stack_gram(x_MxK.reshape(-1, m, k)).reshape(*lead, m, m)
 
 
-def gram(x):
-    """x @ x^T over the last two axes of a (..., m, k) stack, in x's dtype."""
-    out = _kernel_gram(x)
-    return x @ jnp.swapaxes(x, -1, -2) if out is None else out
+# ----------------------------------------------------------------------------------------------
 
 
-def symmetric_square(y):
-    """y @ y over the last two axes of a (..., m, m) stack of exactly symmetric matrices, in y's dtype."""
-    out = _kernel_gram(y)
-    return y @ y if out is None else out
+def gram(x_MxK, choice: str = "auto"):
+    """x @ x^T over the last two axes of a (..., M, K) stack, in x's dtype."""
+    out = _kernel_gram(x_MxK, choice)
+    return reference_gram(x_MxK) if out is None else out
+
+
+def symmetric_square(y_MxM, choice: str = "auto"):
+    """y @ y over the last two axes of a (..., M, M) stack of exactly symmetric matrices, in y's dtype."""
+    out = _kernel_gram(y_MxM, choice)
+    return reference_square(y_MxM) if out is None else out

@@ -1,5 +1,5 @@
-"""The MLP's two GEMMs that touch ReLU², with the element-wise work in their epilogues, as Mosaic GPU
-(Hopper wgmma) kernels:
+"""The MLP (SPEC §2): relu(h @ w_fc)² @ w_proj, and the Mosaic GPU kernels that put ReLU² in the epilogues of
+the two GEMMs that touch it (Hopper wgmma):
 
     relu2_matmul(h, w_fc)              = relu(h @ w_fc)²           (the forward's up-projection)
     relu2_grad_matmul(g, w_proj^T, a)  = (g @ w_proj^T) 2 sqrt(a)  (the backward into the up-projection)
@@ -11,24 +11,70 @@ d20 each such pass is ~0.4 ms a layer next to a ~1.2 ms GEMM. The backward needs
 One CTA per 128 x 256 output tile: a memory warpgroup streams 64-wide K slices of both operands into
 shared memory (3 stages), two compute warpgroups each accumulate a 128 x 128 half in fp32, apply the
 epilogue in fp32 and store through shared memory, rounded once to bf16. The backward's a tile is
-fetched into the output's staging buffer while the main loop runs. Hopper only: `supported` says where
-these run, and the model uses cuBLAS + XLA elsewhere.
+fetched into the output's staging buffer while the main loop runs.
 """
 from __future__ import annotations
 
 import functools
+import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nanochat_jax.sharding import gpu_compute_capability, per_device, row_shards
+from nanochat_jax import kernels
+from nanochat_jax import model as M
+from nanochat_jax.kernels import mosaic_backend as plgpu
+from nanochat_jax.sharding import per_device, row_shards
 
-try:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # a jax without Pallas' Mosaic GPU backend
-    plgpu = None
+# ----------------------------------------------------------------------------------------------
+# The plain-JAX function
+
+
+# Keeps only its compute-dtype input for the backward pass.
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def relu_squared(u):
+    return jnp.square(jax.nn.relu(u.astype(jnp.promote_types(u.dtype, jnp.float32)))).astype(u.dtype)
+
+
+def reference(h_BxTxD, w_fc, w_proj, dtype, out_in: bool = False):
+    return M.matmul(relu_squared(M.matmul(h_BxTxD, w_fc, dtype, out_in)), w_proj, dtype, out_in)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same product with the element-wise work in the GEMMs, given those GEMMs (the kernels below)
+
+
+def _dot(x, y, contract):  # a GEMM with x's dtype as output, as M.matmul
+    return lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def relu2_mlp(h_RxD, w_fc_DxF, w_proj_FxD, up: Callable, down_grad: Callable):
+    """relu(h @ w_fc)² @ w_proj, where up(h, w_fc) = relu(h @ w_fc)² and down_grad(g, w_proj^T, a) =
+    (g @ w_proj^T) 2 sqrt(a). The forward keeps a = relu(u)², not u: the backward needs only a
+    (d relu(u)² / du = 2 relu(u) = 2 sqrt(a))."""
+    return _dot(up(h_RxD, w_fc_DxF), w_proj_FxD, ((1,), (0,)))
+
+
+def _relu2_mlp_fwd(h, w_fc, w_proj, up, down_grad):
+    a = up(h, w_fc)
+    return _dot(a, w_proj, ((1,), (0,))), (h, w_fc, w_proj, a)
+
+
+def _relu2_mlp_bwd(up, down_grad, residuals, g_RxD):
+    h, w_fc, w_proj, a = residuals
+    du = down_grad(g_RxD, w_proj.T, a)
+    return _dot(du, w_fc, ((1,), (1,))), _dot(h, du, ((0,), (0,))), _dot(a, g_RxD, ((0,), (0,)))
+
+
+relu2_mlp.defvjp(_relu2_mlp_fwd, _relu2_mlp_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Mosaic GPU kernels
 
 TILE_M, TILE_N, TILE_K, STAGES = 128, 128, 64, 3  # TILE_N per compute warpgroup; two of them per CTA
 # Row tiles that walk the column tiles together. Row by row, the CTAs in flight spanned ~5 row tiles and
@@ -37,16 +83,10 @@ TILE_M, TILE_N, TILE_K, STAGES = 128, 128, 64, 3  # TILE_N per compute warpgroup
 GROUP_ROWS = 16
 
 
-def on_hopper() -> bool:
-    """A Hopper GPU (compute capability 9.x) and a jax with Pallas' Mosaic GPU backend."""
-    cc = gpu_compute_capability()
-    return plgpu is not None and cc is not None and int(cc) == 9
-
-
 def supported(rows: int, d_in: int, d_out: int, dtype) -> bool:
     """On a Hopper, bf16, and shapes the tiles divide on each device's rows (either GEMM: the backward's is
     (rows, d_out) @ (d_out, d_in) with the same tiles)."""
-    if not on_hopper() or jnp.dtype(dtype) != jnp.bfloat16:
+    if not kernels.available("mosaic") or jnp.dtype(dtype) != jnp.bfloat16:
         return False
     return rows % (TILE_M * row_shards()) == 0 and d_in % TILE_K == 0 and d_out % (2 * TILE_N) == 0
 
@@ -114,30 +154,43 @@ def _kernel(x_gmem, w_gmem, a_gmem, out_gmem, out_smem, a_ready, *, epilogue):
 # jitted, so that every layer's call site shares one lowering (each Mosaic GPU lowering compiles the
 # kernel: d20's step took 48 s to compile with its 40 call sites lowered one by one, 30 s like this)
 @functools.partial(jax.jit, static_argnums=0)
-def _gemm(epilogue, x_MxK, w_KxN, a_MxN=None):
-    (M, _), N = x_MxK.shape, w_KxN.shape[1]
-    inputs = (x_MxK, w_KxN) if a_MxN is None else (x_MxK, w_KxN, a_MxN)
+def _gemm(epilogue, x_RxK, w_KxC, a_RxC=None):
+    (R, _), C = x_RxK.shape, w_KxC.shape[1]
+    inputs = (x_RxK, w_KxC) if a_RxC is None else (x_RxK, w_KxC, a_RxC)
 
     def kernel(*refs):
-        x_gmem, w_gmem, a_gmem, out_gmem = refs if a_MxN is not None else (refs[0], refs[1], None, refs[2])
-        scratch = [plgpu.SMEM((2, TILE_M, TILE_N), x_MxK.dtype, transforms=swizzled())]  # shared by the WGs
-        scratch += [plgpu.Barrier(num_barriers=2)] if a_MxN is not None else []
+        x_gmem, w_gmem, a_gmem, out_gmem = refs if a_RxC is not None else (refs[0], refs[1], None, refs[2])
+        scratch = [plgpu.SMEM((2, TILE_M, TILE_N), x_RxK.dtype, transforms=swizzled())]  # shared by the WGs
+        scratch += [plgpu.Barrier(num_barriers=2)] if a_RxC is not None else []
         pl.run_scoped(lambda out_smem, a_ready=None: _kernel(x_gmem, w_gmem, a_gmem, out_gmem, out_smem, a_ready,
                                                              epilogue=epilogue), *scratch, collective_axes="wg")
 
     # one grid axis, CTAs issued in its order; _tile_of maps each to its tile
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((M, N), x_MxK.dtype),
-                        grid=((M // TILE_M) * (N // (2 * TILE_N)),), grid_names=("t",), num_threads=3,
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((R, C), x_RxK.dtype),
+                        grid=((R // TILE_M) * (C // (2 * TILE_N)),), grid_names=("t",), num_threads=3,
                         thread_name="wg")(*inputs)
 
 
 @per_device(in_dims=(0, None), out_dims=0)
-def relu2_matmul(x_MxK, w_KxN):
+def relu2_matmul(x_RxD, w_DxF):
     """relu(x @ w)² in x's dtype (bf16), accumulated and squared in fp32. Only where `supported`."""
-    return _gemm(_relu2, x_MxK, w_KxN.astype(x_MxK.dtype))
+    return _gemm(_relu2, x_RxD, w_DxF.astype(x_RxD.dtype))
 
 
 @per_device(in_dims=(0, None, 0), out_dims=0)
-def relu2_grad_matmul(g_MxK, w_KxN, a_MxN):
+def relu2_grad_matmul(g_RxD, w_DxF, a_RxF):
     """(g @ w) 2 sqrt(a) in g's dtype: the cotangent of u where a = relu(u)², from that of a (g @ w)."""
-    return _gemm(_times_2_sqrt, g_MxK, w_KxN.astype(g_MxK.dtype), a_MxN)
+    return _gemm(_times_2_sqrt, g_RxD, w_DxF.astype(g_RxD.dtype), a_RxF)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def mlp(h_BxTxD, w_fc, w_proj, dtype, choice: str, out_in: bool = False):
+    """relu(h @ w_fc)² @ w_proj in `dtype` (weights (in, out), or (out, in) with out_in)."""
+    R, D = math.prod(h_BxTxD.shape[:-1]), h_BxTxD.shape[-1]
+    if kernels.use(choice, "relu2_mlp") and not out_in and supported(R, D, w_fc.shape[1], dtype):
+        y = relu2_mlp(h_BxTxD.reshape(R, D).astype(dtype), w_fc.astype(dtype), w_proj.astype(dtype),
+                      relu2_matmul, relu2_grad_matmul)
+        return y.reshape(h_BxTxD.shape)
+    return reference(h_BxTxD, w_fc, w_proj, dtype, out_in)
