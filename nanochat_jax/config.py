@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.sequence_len = 2048
     c.model.compute_dtype = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs with cc >= 8.0)
     c.model.attention = "auto"  # auto | cudnn | xla (auto: cudnn on GPU, xla elsewhere)
-    c.model.kernels = "auto"  # auto | pallas | xla: the hand-written GPU kernels (README) or XLA (auto: on GPU)
+    c.model.kernels = "auto"  # auto | pallas | xla: the GPU kernels of nanochat_jax/kernels/ (auto: each where it runs)
     # remat/residual/scan: the fastest d20 setting measured on an H100 at device batch 32 (bench/NOTES.md)
     c.model.remat = "dots_with_no_batch_dims_saveable"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     c.model.loss_chunk = 256  # >0: cross-entropy over chunks of this many positions x all rows (never full fp32 logits)

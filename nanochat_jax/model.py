@@ -310,7 +310,8 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(E)
         if cache is None:  # jax groups the H query heads over the G kv heads (GQA)
             y = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=cfg.attention)
-        else:
+        else:  # XLA with an explicit mask: cuDNN's causal mask is aligned to the top-left corner, wrong for a
+            # chunk that starts at position p > 0, and jax's cuDNN path takes no mask
             rows_BxT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
             # (layer, row, :, :, position) picks a (B, T) grid of (2, G, E) slots: k and v in one write
             cache = cache.at[layer, rows_BxT, :, :, q_pos_BxT].set(jnp.stack([k, v], axis=2))
@@ -437,10 +438,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int):
 
 def inference_params(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """Params and config for generation: floats cast to the compute dtype once, block weights stored
-    (out, in), and q, k, v fused into one c_qkv weight (rows q, then k, then v). A one-row decode product
-    then reads each weight row contiguously: XLA's reduction over the minor axis streamed d20's block
-    weights 1.4–2.6x faster than over the (in, out) layout's major axis on an H100 (bench/gemv.py).
-    The LM head keeps (in, out), measured as fast."""
+    (out, in), and q, k, v fused into one c_qkv weight (rows q, then k, then v): a one-row decode product
+    then reads each weight row contiguously, which XLA streams faster than the (in, out) layout's columns
+    (bench/gemv.py). The LM head keeps (in, out), measured as fast."""
     if cfg.weight_layout == "out_in":
         return params, cfg
     cast = lambda p: p.astype(cfg.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p

@@ -42,8 +42,8 @@ def _add_to_diagonal(m, value):
 def _ns_polynomial(A, kernels, exactly_symmetric=True):
     """a I + b A + c A^2 with the square completed: c (A + beta I)^2 + gamma I. The identity terms are
     then diagonal updates of GEMM outputs that nothing else reads, done in place (the b I + c A operand
-    and the a I + ... sum were two passes over each (m, m) matrix): d26 Muon 64.2 -> 57.5 ms on an H100.
-    It also rounds better in bf16: 0.022 from fp32 NS where the plain form is 0.029. exactly_symmetric:
+    and the a I + ... sum were two passes over each (m, m) matrix); it also rounds better in bf16 (0.022
+    from fp32 NS where the plain form is 0.029). exactly_symmetric:
     A is a scaled x x^T (symmetric bitwise), so Y Y may use sym_matmul's kernel; `kernels`: the switch."""
     a, b, c = NS_COEFFS
     Y = _add_to_diagonal(A, b / (2 * c))
@@ -96,7 +96,7 @@ def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16, kernels="auto"):
     if not wide:  # iterate on X X^T of the smaller side: cheaper, and the same result transposed
         x = jnp.swapaxes(x, -1, -2)
     # The barrier keeps the norm's reduction out of the pass that writes x: fused with it (a
-    # multi-output reduction), that pass ran at half the memory speed (d26: 8.1 ms; apart: 4.2 + 0.6).
+    # multi-output reduction), that pass ran at half the memory speed.
     sq = jnp.sum(jnp.square(jax.lax.optimization_barrier(x).astype(jnp.float32)), axis=(-2, -1), keepdims=True)
     inv_norm = 1 / (jnp.sqrt(sq) + eps)
     if x.shape[-1] > 1.5 * x.shape[-2]:  # where the Gram form takes fewer FLOPs (see its docstring)

@@ -4,9 +4,9 @@ the two GEMMs that touch it (Hopper wgmma):
     relu2_matmul(h, w_fc)              = relu(h @ w_fc)²           (the forward's up-projection)
     relu2_grad_matmul(g, w_proj^T, a)  = (g @ w_proj^T) 2 sqrt(a)  (the backward into the up-projection)
 
-With cuBLAS the GEMM writes its (rows, 4 D) result and XLA reads it back for the element-wise step: on
-d20 each such pass is ~0.4 ms a layer next to a ~1.2 ms GEMM. The backward needs only a = relu(u)²
-(2 relu(u) = 2 sqrt(a)), so the forward saves a and never writes u.
+With cuBLAS the GEMM writes its (rows, F) result and XLA reads it back for the element-wise step, a pass a
+third as long as the GEMM. The backward needs only a = relu(u)² (2 relu(u) = 2 sqrt(a)), so the forward
+saves a and never writes u.
 
 One CTA per 128 x 256 output tile: a memory warpgroup streams 64-wide K slices of both operands into
 shared memory (3 stages), two compute warpgroups each accumulate a 128 x 128 half in fp32, apply the
@@ -77,9 +77,8 @@ relu2_mlp.defvjp(_relu2_mlp_fwd, _relu2_mlp_bwd)
 # The Mosaic GPU kernels
 
 TILE_M, TILE_N, TILE_K, STAGES = 128, 128, 64, 3  # TILE_N per compute warpgroup; two of them per CTA
-# Row tiles that walk the column tiles together. Row by row, the CTAs in flight spanned ~5 row tiles and
-# every column, so all of w (d26: 22 MB) was read again every 5 row tiles, from HBM where L2 had let it
-# go. d26's shapes, one H100: forward 1.21 -> 1.17 ms, backward 1.41 -> 1.30 ms; d20's (13 MB): no change
+# Row tiles that walk the column tiles together: row by row, the CTAs in flight spanned a few row tiles and
+# every column, so all of w was read again from HBM every few row tiles once it outgrew L2 (d26)
 GROUP_ROWS = 16
 
 
@@ -151,8 +150,7 @@ def _kernel(x_gmem, w_gmem, a_gmem, out_gmem, out_smem, a_ready, *, epilogue):
         wg_axis="wg")(x_gmem, w_gmem)
 
 
-# jitted, so that every layer's call site shares one lowering (each Mosaic GPU lowering compiles the
-# kernel: d20's step took 48 s to compile with its 40 call sites lowered one by one, 30 s like this)
+# jitted, so that every layer's call site shares one lowering (each Mosaic GPU lowering compiles the kernel)
 @functools.partial(jax.jit, static_argnums=0)
 def _gemm(epilogue, x_RxK, w_KxC, a_RxC=None):
     (R, _), C = x_RxK.shape, w_KxC.shape[1]
