@@ -74,7 +74,7 @@ class RunOptions:
     """How a forward runs: each choice computes the same math, up to rounding. 'auto' (compute_dtype,
     attention) is resolved for the running backend when a ModelConfig is built; kernels='auto' picks each
     kernel by its own availability where it runs (nanochat_jax/kernels/__init__.py)."""
-    compute_dtype: str = "float32"  # bfloat16 | float32 | auto (float64 for numerical tests, needs jax x64)
+    compute_dtype: str = "float32"  # bfloat16 | float32 | auto (float64: numerical tests, with jax's x64)
     attention: str = "xla"  # cudnn (flash attention, training only) | xla | auto
     kernels: str = "xla"  # the one switch of nanochat_jax/kernels/: auto | pallas | xla
     remat: str = "none"  # none | a key of REMAT_POLICIES
@@ -89,6 +89,8 @@ class RunOptions:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         kernels.check(self.kernels)
+        if self.compute_dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ConfigError("config.model.compute_dtype='float64' needs jax's 64-bit mode (JAX_ENABLE_X64=1)")
         if self.attention == "cudnn" and self.compute_dtype not in ("bfloat16", "auto"):
             raise ConfigError("config.model.attention='cudnn' needs compute_dtype='bfloat16' (cuDNN flash attention "
                               "has no fp32 kernel); use attention='xla' or 'auto'")

@@ -14,7 +14,7 @@ import pytest
 
 from nanochat_jax import model as M
 from nanochat_jax.kernels import relu2_mlp
-from nanochat_jax.config import ConfigError, base_config
+from nanochat_jax.config import ConfigError, base_config, validate
 
 V, T = 256, 16
 
@@ -73,6 +73,30 @@ def test_from_config_and_errors():
         M.ModelConfig.from_depth(2, compute_dtype="float32", attention="cudnn")
     with pytest.raises(ConfigError, match="remat"):
         tiny(remat="sometimes")
+
+
+@pytest.mark.parametrize("key,value,match", [("n_kv_head", 3, "n_kv_head=3 must divide n_head=10"),
+                                             ("head_dim", 63, "head_dim must be even"),
+                                             ("remat", "sometimes", "config.model.remat must be one of"),
+                                             ("kernels", "triton", "config.model.kernels must be one of"),
+                                             ("compute_dtype", "float16", "config.model.compute_dtype must be one of")])
+def test_validate_checks_the_model_section_with_the_models_own_classes(key, value, match):
+    """config.validate's model checks are ModelShape's and RunOptions' (one place each), naming the key."""
+    c = base_config()
+    validate(c)  # d20 as configured
+    c.model[key] = value
+    with pytest.raises(ConfigError, match=match):
+        validate(c)
+
+
+def test_config_parts_compose_and_replace_by_field_name():
+    cfg = tiny(n_kv_head=2)
+    assert (cfg.shape.n_kv_head, cfg.options.kernels, cfg.engine.attend_len) == (2, "auto", 0)
+    changed = dataclasses.replace(cfg, attend_len=7, scan_layers=False, n_kv_head=4)
+    assert (changed.engine.attend_len, changed.options.scan_layers, changed.shape.n_kv_head) == (7, False, 4)
+    assert changed.shape.d_model == cfg.d_model and changed != cfg and hash(dataclasses.replace(cfg)) == hash(cfg)
+    with pytest.raises(TypeError, match="unknown fields"):
+        dataclasses.replace(cfg, n_layers=3)
 
 
 def test_init_matches_spec():
