@@ -120,8 +120,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.mc_eval_every = 200  # MMLU / ARC-Easy accuracy (categorical)
     c.sft.mc_eval_problems = 1024
 
-    # --- RL (STAGES.md §4), evals (§5), report and chat app (§7): sections filled by their stages ---
-    c.rl = ml_collections.ConfigDict()
+    # --- RL (STAGES.md §4): from SFT, GRPO on GSM8K train, 16 questions x 16 samples a step, one epoch ---
+    c.rl = _chat_stage_section(c.train)
+    c.rl.enabled = True
+    c.rl.task = "gsm8k"  # a generative task with "#### <number>" answers: gsm8k | arithmetic (synthetic, offline)
+    c.rl.train_examples = -1  # questions of the train split (-1 = all; a synthetic task's size)
+    c.rl.examples_per_step = 16  # questions a step
+    c.rl.num_samples = 16  # completions a question
+    c.rl.max_new_tokens = 256
+    c.rl.max_prompt_tokens = 256  # every prompt is padded to this (one compile); longer questions are left out
+    c.rl.temperature = 1.0
+    c.rl.top_k = 50  # 0 = no top-k
+    c.rl.device_batch_size = 32  # rows (completions) per device per micro-step of the training step
+    c.rl.init_lr_frac = 0.05
+    c.rl.warmdown_ratio = 1.0  # LR base x 0.05 x (1 - step/n)
+    c.rl.muon_momentum_start = 0.95
+    c.rl.eval_every = 60  # pass@1..eval_samples on the test split
+    c.rl.eval_examples = 400
+    c.rl.eval_samples = 8
+    c.rl.save_every = 60
+
+    # --- evals (§5), report and chat app (§7): sections filled by their stages ---
     c.eval = ml_collections.ConfigDict()
     c.report = ml_collections.ConfigDict()
     c.report.gpu_hour_price = 3.0  # $ per GPU-hour, for the report's cost line
@@ -187,6 +206,24 @@ _NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "train.weight_decay", "t
                  "train.muon_momentum_warmup_steps")
 
 
+def _validate_rl(c) -> None:
+    r = c.rl
+    for key in ("examples_per_step", "num_samples", "max_new_tokens", "max_prompt_tokens", "device_batch_size",
+                "eval_every", "eval_examples", "eval_samples", "save_every", "keep_checkpoints"):
+        if not r[key] > 0:
+            raise ConfigError(f"config.rl.{key} must be > 0, got {r[key]!r}")
+    if r.temperature < 0 or r.top_k < 0:
+        raise ConfigError(f"config.rl.temperature and top_k must be >= 0, got {r.temperature!r}, {r.top_k!r}")
+    if not 0 < r.init_lr_frac <= 1:
+        raise ConfigError(f"config.rl.init_lr_frac must be in (0, 1], got {r.init_lr_frac!r}")
+    if r.max_prompt_tokens + r.max_new_tokens > c.model.sequence_len:
+        raise ConfigError(f"config.rl.max_prompt_tokens + max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} "
+                          f"must fit config.model.sequence_len={c.model.sequence_len}")
+    if r.eval_samples > r.examples_per_step * r.num_samples:
+        raise ConfigError(f"config.rl.eval_samples={r.eval_samples} must be <= examples_per_step x num_samples "
+                          f"(an eval call holds as many rows as a step)")
+
+
 def _get(c, dotted):
     for part in dotted.split("."):
         c = c[part]
@@ -223,6 +260,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("data", "fsdp"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")
+    _validate_rl(c)
     stages = [s.strip() for s in c.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in KNOWN_STAGES]
     if unknown:
