@@ -254,3 +254,124 @@ def make_pass_at_k_eval(rl_cfg, task, tokenizer, model_cfg, seed: int):
         right = np.concatenate(outcomes) == "right"
         return dict(pass_at_k(right), eval_mean_reward=float(right.mean()), eval_questions=len(prompts))
     return evaluate
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline stage
+
+
+def num_iterations(rl_cfg, n_questions: int) -> int:
+    """An explicit count, else one epoch of the questions that fit."""
+    return rl_cfg.num_iterations if rl_cfg.num_iterations > 0 else max(1, n_questions // rl_cfg.examples_per_step)
+
+
+def _final_step_dir(config) -> str:
+    return ckpt_lib.checkpoint_dir(config.base_dir, "rl", config.run_name)
+
+
+def stage_done(config, stage: str = "rl") -> bool:
+    """The final checkpoint exists (its step is recorded in a marker written after the last save)."""
+    return os.path.exists(os.path.join(_final_step_dir(config), "DONE.json"))
+
+
+def _records(metrics_path: str) -> list[dict]:
+    with open(metrics_path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def summarize(records: list[dict]) -> dict:
+    """The stage's metrics from its per-step records: mean reward over the first and last tenth of the steps,
+    the outcome totals, the first and last pass@k, rollout speed."""
+    steps = [r for r in records if "mean_reward" in r]
+    evals = [r for r in records if "pass@1" in r]
+    tenth = max(1, len(steps) // 10)
+    m = dict(steps=len(steps),
+             mean_reward_first=float(np.mean([r["mean_reward"] for r in steps[:tenth]])),
+             mean_reward_last=float(np.mean([r["mean_reward"] for r in steps[-tenth:]])),
+             rollout_tok_s=float(np.median([r["rollout_tok_s"] for r in steps])),
+             answer_tokens=float(np.mean([r["answer_tokens"] for r in steps])))
+    m.update({f"completions_{k}": int(sum(r[k] for r in steps)) for k in OUTCOMES})
+    for label, r in (("first", evals[:1]), ("last", evals[-1:])):
+        for key, value in (r[0].items() if r else ()):
+            if key.startswith("pass@"):
+                m[f"{key}_{label}"] = value
+    return m
+
+
+def _reward_curve_png(records: list[dict], out_path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "mean_reward" in r]
+    evals = [r for r in records if "pass@1" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    x, y = [r["step"] for r in steps], [r["mean_reward"] for r in steps]
+    ax[0].plot(x, y, lw=0.8, label="mean reward")
+    ema, smooth = None, []
+    for v in y:
+        ema = v if ema is None else 0.9 * ema + 0.1 * v
+        smooth.append(ema)
+    ax[0].plot(x, smooth, lw=1.5, label="EMA")
+    ax[0].set_xlabel("step"), ax[0].set_ylabel("train reward"), ax[0].legend()
+    ks = sorted({int(k[5:]) for r in evals for k in r if k.startswith("pass@")})
+    for k in ks:
+        ax[1].plot([r["step"] for r in evals], [r[f"pass@{k}"] for r in evals], marker="o", label=f"pass@{k}")
+    ax[1].set_xlabel("step"), ax[1].set_ylabel("test pass@k")
+    if ks:
+        ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def run_stage(config, stage: str = "rl") -> dict:
+    """Pipeline stage `rl`: from the latest SFT checkpoint, GRPO on config.rl.task's train split."""
+    from nanochat_jax import model as model_lib
+    from nanochat_jax import sharding, train
+    from nanochat_jax.tasks import load_task
+
+    r = config.rl
+    if not r.enabled:
+        return dict(outputs=[], metrics={}, report="## RL\n\nSkipped: `config.rl.enabled` is False.\n")
+    sharding.maybe_initialize_distributed()
+    ckpt_lib.use_compile_cache(config.base_dir)
+    tokenizer = train._load_tokenizer(config)
+    params, sft_config, meta = ckpt_lib.restore_model(config.base_dir, "sft", run_name=config.run_name)
+    ckpt_lib.check_tokenizer(meta, tokenizer.hash, f"sft step {meta['step']}")
+    model_cfg = model_lib.ModelConfig.from_config(sft_config)  # the checkpoint's shape, not today's config
+    if r.max_prompt_tokens + r.max_new_tokens > model_cfg.sequence_len:
+        raise UserError(f"config.rl.max_prompt_tokens + max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} "
+                        f"must fit the SFT model's sequence_len={model_cfg.sequence_len}")
+    task = load_task(r.task, "train", limit=r.train_examples if r.train_examples > 0 else None,
+                     data_dir=config.data.dir)
+    eval_task = load_task(r.task, "test", limit=r.eval_examples, data_dir=config.data.dir)
+    if getattr(task, "eval_type", None) != "generative":
+        raise UserError(f"config.rl.task={r.task!r} is not a generative task (it has no answer to reward)")
+    source = RLSource(r, task, tokenizer, model_cfg, config.seed, jax_process_index(), jax_process_count())
+    n_iter = num_iterations(r, len(source.indices))
+    train_cfg = ml_collections.ConfigDict(r.to_dict())
+    train_cfg.total_batch_size = r.examples_per_step * r.num_samples  # rows a step
+    evals = [(r.eval_every, make_pass_at_k_eval(r, eval_task, tokenizer, model_cfg, config.seed))]
+    log.info("rl: %d steps of %d questions x %d samples from sft step %d; %d of %d train questions fit "
+             "max_prompt_tokens=%d", n_iter, r.examples_per_step, r.num_samples, meta["step"], len(source.indices),
+             len(task), r.max_prompt_tokens)
+    t0 = time.time()
+    out = train.train_loop(config, "rl", train_cfg, tokenizer, source, n_iter, evals, init_params=params,
+                           model_cfg=model_cfg)
+    records = _records(out["metrics_path"])
+    metrics = summarize(records)
+    metrics.update(questions_too_long=source.too_long, wall_seconds=time.time() - t0,
+                   seconds_per_step=out["seconds_per_step"])
+    os.makedirs(report.report_dir(config.base_dir), exist_ok=True)
+    png = _reward_curve_png(records, os.path.join(report.report_dir(config.base_dir), "rl_reward.png"))
+    bad = {k: metrics[f"completions_{k}"] for k in ("no_answer", "max_tokens", "tool_refused")}
+    md = (f"## RL\n\nGRPO on {r.task} from SFT step {meta['step']}: {n_iter} steps of {r.examples_per_step} "
+          f"questions x {r.num_samples} samples (<= {r.max_new_tokens} new tokens, temperature {r.temperature}, "
+          f"top-k {r.top_k}). Completions scored 0 without a verdict: {bad['no_answer']:,} without a "
+          f"`#### <number>` answer, {bad['max_tokens']:,} cut at max_new_tokens, {bad['tool_refused']:,} with a "
+          f"refused or failing calculator call; {source.too_long:,} train questions left out (prompt longer than "
+          f"{r.max_prompt_tokens} tokens).\n\n{report.format_metrics(metrics)}\n\n"
+          f"![reward]({os.path.basename(png)})\n")
+    return dict(outputs=[out["checkpoint"], png], metrics=metrics, report=md)
