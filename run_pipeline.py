@@ -1,4 +1,4 @@
-"""Run the nanochat_jax pipeline: tokenizer -> base (-> mid -> sft -> rl -> eval as they land).
+"""Run the nanochat_jax pipeline: tokenizer -> base -> base_eval -> mid -> sft -> chat_eval -> rl -> rl_eval -> report.
 
     python run_pipeline.py --config=configs/tiny.py                 # the embedded default, CPU, offline
     python run_pipeline.py --config=configs/d20.py --stages=base    # one stage
@@ -10,6 +10,7 @@ that was killed half-way resumes or redoes its work. Logs go to the console and 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -25,20 +26,13 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from nanochat_jax import report
-from nanochat_jax.config import KNOWN_STAGES, UserError, base_config, validate
+from nanochat_jax.config import STAGES, UserError, base_config, validate
 
 _CONFIG = None  # defined by _parse_flags after _preflight: config_flags applies sys.argv's --config.* overrides
 # to the default config as soon as the flag is defined, where a mistyped key would be a traceback
 _STAGES = flags.DEFINE_string("stages", None, "Comma-separated stages to run (default: config.stages).")
 _BASE_DIR = flags.DEFINE_string("base_dir", None, "Where the run writes everything (default: config.base_dir).")
 _FORCE = flags.DEFINE_bool("force", False, "Redo the selected stages even if their output is complete.")
-
-# stage name -> module with stage_done(config) -> bool and run_stage(config) -> dict
-STAGE_MODULES = {
-    "tokenizer": "nanochat_jax.tokenizer",
-    "base": "nanochat_jax.train",
-}
-assert tuple(STAGE_MODULES) == KNOWN_STAGES
 
 log = logging.getLogger("nanochat_jax")
 
@@ -60,31 +54,41 @@ def _setup_logging(base_dir: str) -> str:
 
 def _select_stages(config) -> list[str]:
     stages = [s.strip() for s in (_STAGES.value or config.stages).split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGE_MODULES]
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise UserError(f"--stages: unknown stage(s) {unknown}; known: {list(STAGE_MODULES)}")
-    return [s for s in STAGE_MODULES if s in stages]  # always in pipeline order
+        raise UserError(f"--stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+    return [s for s in STAGES if s in stages]  # always in pipeline order
 
 
 def run(config, stages: list[str], force: bool = False) -> list[dict]:
     """Run the stages in order; returns one summary row per stage."""
     rows = []
     for name in stages:
-        module = importlib.import_module(STAGE_MODULES[name])
-        if not force and module.stage_done(config):
+        module = importlib.import_module(STAGES[name])
+        if not force and module.stage_done(config, name):
             log.info("stage %s: complete, skipped (--force to redo)", name)
             rows.append(dict(stage=name, status="skipped (complete)", seconds=0.0, outputs=[]))
             continue
         log.info("stage %s: starting", name)
         t0 = time.time()
-        result = module.run_stage(config)
+        result = module.run_stage(config, name)
         seconds = time.time() - t0
         if result.get("report"):
             report.write_section(config.base_dir, name, result["report"])
+        _write_metrics(config.base_dir, name, dict(result.get("metrics", {}), seconds=seconds))
         log.info("stage %s: done in %.1f s", name, seconds)
         rows.append(dict(stage=name, status="ran", seconds=seconds, outputs=result.get("outputs", []),
                          metrics=result.get("metrics", {})))
     return rows
+
+
+def _write_metrics(base_dir: str, stage: str, metrics: dict) -> None:
+    """<base_dir>/report/<stage>.json: the stage's numbers, for the report's summary table."""
+    path = os.path.join(report.report_dir(base_dir), f"{stage}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _print_summary(rows: list[dict], base_dir: str, log_path: str) -> None:

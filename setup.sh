@@ -13,6 +13,13 @@ if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1; then
     || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-doc
 fi
 
+# The spelling tasks' word list (nanochat_jax/tasks/synthetic.py): Debian's wamerican
+if [ ! -f /usr/share/dict/american-english ]; then
+  SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wamerican
+fi
+
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"

@@ -59,8 +59,9 @@ def run_case(case: dict) -> dict:
     step, init_fn, _, _, batch_sh = train.build_step(model_cfg, c.train, 1000, mesh)
     params, opt_state = init_fn(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    batches = [jax.device_put(rng.integers(0, case["vocab"], (case["accum"], global_rows, case["seq"] + 1),
-                                           dtype=np.int32), batch_sh) for _ in range(2)]
+    rows = [rng.integers(0, case["vocab"], (case["accum"] * global_rows, case["seq"] + 1), dtype=np.int32) for _ in range(2)]
+    batches = [{k: jax.device_put(v.reshape(case["accum"], global_rows, -1), batch_sh)
+                for k, v in train.rows_batch(r).items()} for r in rows]
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, batches[0]).compile()
     compile_s = time.perf_counter() - t0

@@ -29,4 +29,22 @@ def get_config():
     c.train.sample_every = 250
     c.train.save_every = 50
     c.train.muon_momentum_warmup_steps = 50
+    # Chat stages on tasks that need no download: who the model is, spelling, and arithmetic whose answers
+    # call the calculator (STAGES.md's mixtures need Hugging Face datasets).
+    c.mid.mixture = "identity,identity,simple_spelling:train:2000,spelling_bee:train:3000,arithmetic:train:4000"
+    c.mid.val_mixture = "spelling_bee:test:100,arithmetic:test:100"
+    c.mid.device_batch_size = 16
+    c.mid.total_batch_size = 16 * 256
+    c.mid.eval_every = 50
+    c.mid.eval_tokens = 16 * 256 * 4
+    c.mid.save_every = 25
+    c.mid.muon_momentum_warmup_steps = 50
+    c.sft.mixture = "identity,simple_spelling:train:300,spelling_bee:train:1200,arithmetic:train:1500"
+    c.sft.val_mixture = "spelling_bee:test:64,arithmetic:test:64"
+    c.sft.device_batch_size = 16
+    c.sft.total_batch_size = 16
+    c.sft.init_lr_frac = 0.1  # the recipe's 0.02 moves a model this small too little in ~200 steps
+    c.sft.eval_every = 50
+    c.sft.val_conversations = 128
+    c.sft.save_every = 25
     return c

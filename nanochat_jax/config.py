@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.adam_b2 = 0.95
     c.train.adam_eps = 1e-10
     c.train.grad_clip = 1.0  # global norm; 0 = off
+    c.train.init_lr_frac = 1.0  # every LR x this x the schedule's multiplier (SFT 0.02, RL 0.05)
     c.train.warmup_ratio = 0.0
     c.train.warmdown_ratio = 0.2
     c.train.final_lr_frac = 0.0
@@ -155,7 +156,6 @@ def _chat_stage_section(train: ml_collections.ConfigDict) -> ml_collections.Conf
     the chat recipe's differences: fresh optimiser, no weight decay or clipping, one epoch."""
     s = ml_collections.ConfigDict(train.to_dict())
     s.num_iterations = -1  # -1 = one epoch of the mixture
-    s.init_lr_frac = 1.0  # LR multiplier at step 0 (x the schedule)
     s.weight_decay = 0.0
     s.grad_clip = 0.0
     s.warmup_ratio = 0.0
@@ -189,21 +189,24 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "data.source": ("fineweb", "embedded"),
     "model.residual_dtype": ("float32", "compute"),
+    "mid.supervise": ("all", "assistant"),
 }
+_TRAINING_SECTIONS = ("train", "mid", "sft")  # sections train.train_loop reads: the same checks for each
 _POSITIVE = (
     "model.depth", "model.aspect_ratio", "model.head_dim", "model.sequence_len",
     "tokenizer.vocab_size", "tokenizer.max_chars", "tokenizer.doc_cap",
     "data.num_shards", "data.download_workers", "data.tokenizer_threads",
-    "train.device_batch_size", "train.total_batch_size", "train.log_every", "train.eval_every",
-    "train.eval_tokens", "train.sample_every", "train.save_every", "train.keep_checkpoints",
-    "train.embedding_lr", "train.unembedding_lr", "train.matrix_lr", "train.adam_eps",
+    *(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
+        "device_batch_size", "total_batch_size", "log_every", "eval_every", "save_every", "keep_checkpoints",
+        "embedding_lr", "unembedding_lr", "matrix_lr", "adam_eps", "init_lr_frac")),
+    "train.eval_tokens", "train.sample_every", "mid.eval_tokens", "sft.val_conversations", "sft.mc_eval_every",
 )
-_FRACTIONS = (
-    "train.warmup_ratio", "train.warmdown_ratio", "train.final_lr_frac",
-    "train.adam_b1", "train.adam_b2", "train.muon_momentum_start", "train.muon_momentum_end",
-)
-_NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "train.weight_decay", "train.grad_clip",
-                 "train.muon_momentum_warmup_steps")
+_FRACTIONS = tuple(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
+    "warmup_ratio", "warmdown_ratio", "final_lr_frac", "adam_b1", "adam_b2", "muon_momentum_start",
+    "muon_momentum_end"))
+_NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "sft.mc_eval_problems",
+                 *(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
+                     "weight_decay", "grad_clip", "muon_momentum_warmup_steps")))
 
 
 def _validate_rl(c) -> None:
@@ -253,10 +256,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 256 + 9 <= c.tokenizer.vocab_size <= MAX_VOCAB_SIZE:
         raise ConfigError(f"config.tokenizer.vocab_size must be in [265, {MAX_VOCAB_SIZE}] (256 bytes + 9 special "
                           f"tokens at least; int32 ids), got {c.tokenizer.vocab_size}")
-    if c.train.warmup_ratio + c.train.warmdown_ratio > 1.0:
-        raise ConfigError("config.train.warmup_ratio + config.train.warmdown_ratio must be <= 1")
-    if c.train.num_iterations == 0 or c.train.num_iterations < -1:
-        raise ConfigError(f"config.train.num_iterations must be > 0 or -1, got {c.train.num_iterations}")
+    for s in _TRAINING_SECTIONS:
+        if c[s].warmup_ratio + c[s].warmdown_ratio > 1.0:
+            raise ConfigError(f"config.{s}.warmup_ratio + config.{s}.warmdown_ratio must be <= 1")
+        if c[s].num_iterations == 0 or c[s].num_iterations < -1:
+            raise ConfigError(f"config.{s}.num_iterations must be > 0 or -1, got {c[s].num_iterations}")
     for key in ("data", "fsdp"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")

@@ -4,8 +4,9 @@
     (also reachable as `python -m nanochat_jax.data download ...`)
 
 Each shard streams into `<name>.partial`; an interrupted transfer resumes from there with an HTTP
-Range request. Only a file that reads back as parquet with a `text` column is renamed to its final
-name, so nothing corrupt ever sits under a final name, and a rerun fetches only what is missing.
+Range request. Only a file that passes verification (default: parquet with a `text` column) is
+renamed to its final name, so nothing corrupt ever sits under a final name, and a rerun fetches only
+what is missing. nanochat_jax.tasks fetches its Hugging Face parquet files through download_file too.
 Shards are shard_00000 .. shard_{N-1} of the dataset; the last one is the validation split, as in nanochat.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pyarrow.parquet as pq
 import requests
@@ -38,14 +39,15 @@ class _Permanent(DownloadError):
     """An answer that retrying cannot fix (404 and other 4xx)."""
 
 
-def verify_parquet(path: Path) -> None:
-    """Raise ValueError unless `path` is a parquet file whose `text` column reads back completely."""
+def verify_parquet(path: Path, columns: Sequence[str] = ("text",)) -> None:
+    """Raise ValueError unless `path` is a parquet file whose `columns` read back completely."""
     try:
         f = pq.ParquetFile(path)
-        if "text" not in f.schema_arrow.names:
-            raise ValueError(f"no 'text' column (columns: {f.schema_arrow.names})")
+        for name in columns:
+            if name not in f.schema_arrow.names:
+                raise ValueError(f"no {name!r} column (columns: {f.schema_arrow.names})")
         for i in range(f.num_row_groups):  # decoding every page catches truncation and garbage
-            f.read_row_group(i, columns=["text"])
+            f.read_row_group(i, columns=list(columns))
     except ValueError:
         raise
     except Exception as e:
@@ -79,8 +81,10 @@ def _fetch_once(session: requests.Session, url: str, partial: Path, on_bytes: Ca
 
 def download_file(url: str, dest: Path, *, session: requests.Session | None = None, retries: int = 5,
                   backoff: float = 1.0, timeout: float = 60.0,
-                  on_bytes: Callable[[int], None] = lambda n: None) -> Path:
-    """Fetch `url` into `dest` (resumable, verified, atomic); retry with exponential backoff."""
+                  on_bytes: Callable[[int], None] = lambda n: None,
+                  verify: Callable[[Path], None] = verify_parquet) -> Path:
+    """Fetch `url` into `dest` (resumable, atomic); retry with exponential backoff. `verify(path)` raises
+    ValueError when the complete file is bad (default: a parquet file with a `text` column)."""
     if dest.exists():
         return dest
     partial = dest.with_name(dest.name + ".partial")
@@ -89,7 +93,7 @@ def download_file(url: str, dest: Path, *, session: requests.Session | None = No
         try:
             _fetch_once(session, url, partial, on_bytes, timeout)
             try:
-                verify_parquet(partial)
+                verify(partial)
             except ValueError as e:  # complete but bad: the bytes cannot be trusted, refetch all
                 partial.unlink(missing_ok=True)
                 raise DownloadError(f"{url}: {e}") from e

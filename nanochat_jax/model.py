@@ -531,19 +531,22 @@ def _fused_ce_bwd(chunk, dtype, use_pallas, res, cotangents):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT):
-    """(mean cross-entropy over targets != -1, per-token losses (B, T) with 0 at ignored targets; only the
-    mean is differentiable when loss_chunk > 0)."""
+def loss_fn(params, cfg: ModelConfig, inputs_BxT, targets_BxT, weights_BxT=None):
+    """(loss, per-token losses (B, T) with 0 at ignored targets (-1)). The loss is the mean cross-entropy over
+    targets != -1, or with `weights_BxT` the sum of weights x cross-entropy (the training step passes its
+    weights already divided by the step's supervised-token count; RL's weights are advantages). Only the
+    loss is differentiable when loss_chunk > 0."""
     model = GPT(cfg)
     x, _ = model.apply({"params": params}, inputs_BxT, method=GPT.hidden)
-    count = jnp.maximum(jnp.sum(targets_BxT != -1), 1)
+    if weights_BxT is None:
+        weights_BxT = 1.0 / jnp.maximum(jnp.sum(targets_BxT != -1), 1)
+    weights_BxT = jnp.where(targets_BxT != -1, weights_BxT, 0.0)
     if cfg.loss_chunk > 0:
-        weights = jnp.where(targets_BxT != -1, 1.0 / count, 0.0)
-        loss, losses = _fused_ce(x, params["lm_head"]["kernel"], targets_BxT, weights,
+        loss, losses = _fused_ce(x, params["lm_head"]["kernel"], targets_BxT, weights_BxT,
                                  min(cfg.loss_chunk, x.shape[1]), cfg.dtype, cfg.kernels == "pallas")
         return loss, lax.stop_gradient(losses)
     losses = _token_losses(model.apply({"params": params}, x, method=GPT.head), targets_BxT)
-    return jnp.sum(losses) / count, losses
+    return jnp.sum(losses * weights_BxT), losses
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int):

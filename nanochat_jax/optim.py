@@ -62,7 +62,7 @@ def build_optimizer(train_cfg, model_cfg, num_iterations) -> optax.GradientTrans
     t = ml_collections.FrozenConfigDict(train_cfg)  # the schedules read it at trace time: snapshot it
 
     def schedule(base_lr):
-        return lambda step: base_lr * lr_multiplier(
+        return lambda step: base_lr * t.init_lr_frac * lr_multiplier(
             step, num_iterations, t.warmup_ratio, t.warmdown_ratio, t.final_lr_frac)
 
     # AdamW LRs were tuned at d_model 768; scale them as 1/sqrt(width) (SPEC §4).

@@ -225,7 +225,7 @@ def tokenizer_dir(config) -> str:
     return os.path.join(os.path.expanduser(config.base_dir), "tokenizer")
 
 
-def stage_done(config) -> bool:
+def stage_done(config, stage: str = "tokenizer") -> bool:
     """A saved tokenizer (complete: it is renamed into place) of the configured vocab size."""
     try:
         meta = json.loads((Path(tokenizer_dir(config)) / META_FILE).read_text())
@@ -234,7 +234,7 @@ def stage_done(config) -> bool:
     return meta.get("vocab_size") == config.tokenizer.vocab_size
 
 
-def run_stage(config) -> dict:
+def run_stage(config, stage: str = "tokenizer") -> dict:
     """Pipeline stage `tokenizer`: train on the corpus' train shards, save, compare on the val shard."""
     from evals import tok_eval
     from nanochat_jax import data

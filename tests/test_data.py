@@ -149,7 +149,7 @@ class _ShardServer:
                 pass
 
             def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
+                name = self.path.split("/data/", 1)[-1]  # files are keyed by their path under /data/
                 rng = self.headers.get("Range")
                 server.requests.append((name, rng))
                 fault = server.faults.get(name, []).pop(0) if server.faults.get(name) else None

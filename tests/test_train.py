@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nanochat_jax import model as model_lib
-from nanochat_jax import train
+from nanochat_jax import sharding, train
 from nanochat_jax.config import ConfigError, UserError, base_config
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -80,7 +80,16 @@ def _tiny_config(base_dir, **mesh):
 
 def _losses(metrics_path):
     with open(metrics_path) as f:
-        return [json.loads(line)["loss"] for line in f]
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def _train(c, tokenizer, val, devices=None):
+    """train_loop as the base stage calls it, on the stand-in rows, val bpb at step 0 and the end."""
+    mesh = sharding.make_mesh(c.mesh, devices)
+    model_cfg = model_lib.ModelConfig.from_config(c)
+    evals = [(c.train.eval_every, train.bpb_eval(mesh, model_cfg, tokenizer, val))]
+    return train.train_loop(c, "base", c.train, tokenizer, train.PackedSource(RowIterator(16, 32, 512)),
+                            c.train.num_iterations, 16, evals, mesh=mesh)
 
 
 @pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1), dict(data=2, fsdp=4)])
@@ -90,8 +99,8 @@ def test_eight_devices_match_one(tmp_path, small_tokenizer, mesh):
     runs = {}
     for name, devices, mesh_cfg in (("one", jax.devices()[:1], dict(data=1, fsdp=1)), ("eight", None, mesh)):
         c = _tiny_config(tmp_path / name, **mesh_cfg)
-        out = train.train_loop(c, "base", c.train, small_tokenizer, RowIterator(16, 32, 512), val, devices=devices)
-        runs[name] = (_losses(out["metrics_path"]), out["history"]["bpb"])
+        out = _train(c, small_tokenizer, val, devices)
+        runs[name] = (_losses(out["metrics_path"]), out["history"]["val_bpb"])
     (one, bpb_one), (eight, bpb_eight) = runs["one"], runs["eight"]
     assert len(one) == 5 and one[-1] < one[0]
     np.testing.assert_allclose(eight, one, rtol=1e-5)
@@ -104,14 +113,12 @@ def test_checkpoint_of_an_fsdp_mesh_resumes_on_one_device(tmp_path, small_tokeni
     val = [RowIterator(16, 32, 512, seed=99).__next__()]
     c = _tiny_config(tmp_path / "moved", data=2, fsdp=4)
     c.train.save_every = 3
-    train.train_loop(c, "base", c.train, small_tokenizer, RowIterator(16, 32, 512), val)
+    _train(c, small_tokenizer, val)
     shutil.rmtree(tmp_path / "moved" / "checkpoints" / "base" / "t" / "5")  # as if killed after step 3's save
     c.mesh.data, c.mesh.fsdp = 1, 1
-    moved = train.train_loop(c, "base", c.train, small_tokenizer, RowIterator(16, 32, 512), val,
-                             devices=jax.devices()[:1])
+    moved = _train(c, small_tokenizer, val, jax.devices()[:1])
     ref = _tiny_config(tmp_path / "one", data=1, fsdp=1)
-    one = train.train_loop(ref, "base", ref.train, small_tokenizer, RowIterator(16, 32, 512), val,
-                           devices=jax.devices()[:1])
+    one = _train(ref, small_tokenizer, val, jax.devices()[:1])
     assert len(_losses(moved["metrics_path"])) == 5
     np.testing.assert_allclose(_losses(moved["metrics_path"]), _losses(one["metrics_path"]), rtol=1e-5)
 
@@ -120,11 +127,11 @@ def test_tokenizer_mismatch_is_refused(tmp_path, small_tokenizer):
     c = _tiny_config(tmp_path)
     c.train.num_iterations = 1
     val = [RowIterator(16, 32, 512, seed=99).__next__()]
-    train.train_loop(c, "base", c.train, small_tokenizer, RowIterator(16, 32, 512), val)
+    _train(c, small_tokenizer, val)
     other = Tokenizer.train(_docs("howto"), vocab_size=512)  # same size, other text: other merges
     c.train.num_iterations = 2
     with pytest.raises(UserError, match="tokenizer"):
-        train.train_loop(c, "base", c.train, other, RowIterator(16, 32, 512), val)
+        _train(c, other, val)
 
 
 # ---- whole-pipeline fault tests: real processes, real Orbax, real SIGKILL ----
@@ -150,7 +157,7 @@ def _metric_steps(base_dir):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+        return [r for r in (json.loads(line) for line in f if line.endswith("\n")) if "loss" in r]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,5 @@
+import sys
+
+from nanochat_jax.tasks.hub import main
+
+sys.exit(main())
