@@ -191,7 +191,7 @@ _CHOICES = {
     "model.residual_dtype": ("float32", "compute"),
     "mid.supervise": ("all", "assistant"),
 }
-_TRAINING_SECTIONS = ("train", "mid", "sft")  # sections train.train_loop reads: the same checks for each
+_TRAINING_SECTIONS = ("train", "mid", "sft", "rl")  # sections train.train_loop reads: the same checks for each
 _POSITIVE = (
     "model.depth", "model.aspect_ratio", "model.head_dim", "model.sequence_len",
     "tokenizer.vocab_size", "tokenizer.max_chars", "tokenizer.doc_cap",
@@ -210,15 +210,14 @@ _NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "sft.mc_eval_problems",
 
 
 def _validate_rl(c) -> None:
+    """RL's own fields (its training fields are checked with the other training sections')."""
     r = c.rl
-    for key in ("examples_per_step", "num_samples", "max_new_tokens", "max_prompt_tokens", "device_batch_size",
-                "eval_every", "eval_examples", "eval_samples", "save_every", "keep_checkpoints"):
+    for key in ("examples_per_step", "num_samples", "max_new_tokens", "max_prompt_tokens", "eval_examples",
+                "eval_samples"):
         if not r[key] > 0:
             raise ConfigError(f"config.rl.{key} must be > 0, got {r[key]!r}")
     if r.temperature < 0 or r.top_k < 0:
         raise ConfigError(f"config.rl.temperature and top_k must be >= 0, got {r.temperature!r}, {r.top_k!r}")
-    if not 0 < r.init_lr_frac <= 1:
-        raise ConfigError(f"config.rl.init_lr_frac must be in (0, 1], got {r.init_lr_frac!r}")
     if r.max_prompt_tokens + r.max_new_tokens > c.model.sequence_len:
         raise ConfigError(f"config.rl.max_prompt_tokens + max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} "
                           f"must fit config.model.sequence_len={c.model.sequence_len}")

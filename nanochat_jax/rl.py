@@ -27,19 +27,22 @@ import functools
 import json
 import logging
 import os
-import re
 import time
 
 import numpy as np
 
+import jax
+
+from nanochat_jax import chat_train, report, sharding, train
 from nanochat_jax import checkpoint as ckpt_lib
-from nanochat_jax import report
+from nanochat_jax import model as model_lib
 from nanochat_jax.config import UserError
 from nanochat_jax.engine import CACHE_LEN_MULTIPLE, Engine, _round_up
+from nanochat_jax.tasks import load_task
+from nanochat_jax.tasks.gsm8k import final_answer
 
 log = logging.getLogger(__name__)
 
-ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # STAGES.md §1: the final answer of GSM8K-style replies
 OUTCOMES = ("right", "wrong", "no_answer", "max_tokens", "tool_refused")
 
 
@@ -66,7 +69,7 @@ def outcome(task, conversation: dict, text: str, stopped: bool, refused: int) ->
         return "max_tokens"
     if refused:
         return "tool_refused"
-    if not ANSWER_RE.search(text):
+    if final_answer(text) is None:
         return "no_answer"
     return "right" if task.score(conversation, text) else "wrong"
 
@@ -265,15 +268,6 @@ def num_iterations(rl_cfg, n_questions: int) -> int:
     return rl_cfg.num_iterations if rl_cfg.num_iterations > 0 else max(1, n_questions // rl_cfg.examples_per_step)
 
 
-def _final_step_dir(config) -> str:
-    return ckpt_lib.checkpoint_dir(config.base_dir, "rl", config.run_name)
-
-
-def stage_done(config, stage: str = "rl") -> bool:
-    """The final checkpoint exists (its step is recorded in a marker written after the last save)."""
-    return os.path.exists(os.path.join(_final_step_dir(config), "DONE.json"))
-
-
 def _records(metrics_path: str) -> list[dict]:
     with open(metrics_path) as f:
         return [json.loads(line) for line in f if line.endswith("\n")]
@@ -291,6 +285,8 @@ def summarize(records: list[dict]) -> dict:
              rollout_tok_s=float(np.median([r["rollout_tok_s"] for r in steps])),
              answer_tokens=float(np.mean([r["answer_tokens"] for r in steps])))
     m.update({f"completions_{k}": int(sum(r[k] for r in steps)) for k in OUTCOMES})
+    if evals:
+        m["eval_questions"] = evals[0]["eval_questions"]
     for label, r in (("first", evals[:1]), ("last", evals[-1:])):
         for key, value in (r[0].items() if r else ()):
             if key.startswith("pass@"):
@@ -328,50 +324,50 @@ def _reward_curve_png(records: list[dict], out_path: str) -> str:
 
 def run_stage(config, stage: str = "rl") -> dict:
     """Pipeline stage `rl`: from the latest SFT checkpoint, GRPO on config.rl.task's train split."""
-    from nanochat_jax import model as model_lib
-    from nanochat_jax import sharding, train
-    from nanochat_jax.tasks import load_task
-
     r = config.rl
     if not r.enabled:
-        return dict(outputs=[], metrics={}, report="## RL\n\nSkipped: `config.rl.enabled` is False.\n")
+        return dict(outputs=[], metrics={}, report="## Reinforcement learning\n\nOff (`config.rl.enabled` is False).\n")
     sharding.maybe_initialize_distributed()
     ckpt_lib.use_compile_cache(config.base_dir)
     tokenizer = train._load_tokenizer(config)
-    params, sft_config, meta = ckpt_lib.restore_model(config.base_dir, "sft", run_name=config.run_name)
+    params, sft_config, meta = ckpt_lib.restore_model(config.base_dir, "sft")
     ckpt_lib.check_tokenizer(meta, tokenizer.hash, f"sft step {meta['step']}")
-    model_cfg = model_lib.ModelConfig.from_config(sft_config)  # the checkpoint's shape, not today's config
+    config = chat_train.with_parent_shape(config, sft_config)
+    model_cfg = model_lib.ModelConfig.from_config(config)
     if r.max_prompt_tokens + r.max_new_tokens > model_cfg.sequence_len:
         raise UserError(f"config.rl.max_prompt_tokens + max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} "
                         f"must fit the SFT model's sequence_len={model_cfg.sequence_len}")
-    task = load_task(r.task, "train", limit=r.train_examples if r.train_examples > 0 else None,
-                     data_dir=config.data.dir)
-    eval_task = load_task(r.task, "test", limit=r.eval_examples, data_dir=config.data.dir)
+    data_dir = chat_train._data_dir(config)
+    task = load_task(r.task, "train", limit=r.train_examples if r.train_examples > 0 else None, data_dir=data_dir)
     if getattr(task, "eval_type", None) != "generative":
-        raise UserError(f"config.rl.task={r.task!r} is not a generative task (it has no answer to reward)")
-    source = RLSource(r, task, tokenizer, model_cfg, config.seed, jax_process_index(), jax_process_count())
+        raise UserError(f"config.rl.task={r.task!r} is not a generative task: it has no answer to reward")
+    eval_task = load_task(r.task, "test", limit=r.eval_examples, data_dir=data_dir)
+    mesh = sharding.make_mesh(config.mesh)
+    source = RLSource(r, task, tokenizer, model_cfg, config.seed, jax.process_index(), jax.process_count())
     n_iter = num_iterations(r, len(source.indices))
-    train_cfg = ml_collections.ConfigDict(r.to_dict())
-    train_cfg.total_batch_size = r.examples_per_step * r.num_samples  # rows a step
     evals = [(r.eval_every, make_pass_at_k_eval(r, eval_task, tokenizer, model_cfg, config.seed))]
     log.info("rl: %d steps of %d questions x %d samples from sft step %d; %d of %d train questions fit "
              "max_prompt_tokens=%d", n_iter, r.examples_per_step, r.num_samples, meta["step"], len(source.indices),
              len(task), r.max_prompt_tokens)
     t0 = time.time()
-    out = train.train_loop(config, "rl", train_cfg, tokenizer, source, n_iter, evals, init_params=params,
-                           model_cfg=model_cfg)
+    out = train.train_loop(config, stage, r, tokenizer, source, n_iter, r.examples_per_step * r.num_samples, evals,
+                           model_cfg=model_cfg, init_params=params, mesh=mesh)
+    with open(chat_train._done_path(config, stage), "w") as f:
+        json.dump({"final_step": n_iter}, f)
+
     records = _records(out["metrics_path"])
     metrics = summarize(records)
-    metrics.update(questions_too_long=source.too_long, wall_seconds=time.time() - t0,
-                   seconds_per_step=out["seconds_per_step"])
+    metrics.update(questions_too_long=source.too_long, seconds_per_step=out["seconds_per_step"],
+                   wall_seconds=time.time() - t0)
     os.makedirs(report.report_dir(config.base_dir), exist_ok=True)
     png = _reward_curve_png(records, os.path.join(report.report_dir(config.base_dir), "rl_reward.png"))
-    bad = {k: metrics[f"completions_{k}"] for k in ("no_answer", "max_tokens", "tool_refused")}
-    md = (f"## RL\n\nGRPO on {r.task} from SFT step {meta['step']}: {n_iter} steps of {r.examples_per_step} "
-          f"questions x {r.num_samples} samples (<= {r.max_new_tokens} new tokens, temperature {r.temperature}, "
-          f"top-k {r.top_k}). Completions scored 0 without a verdict: {bad['no_answer']:,} without a "
-          f"`#### <number>` answer, {bad['max_tokens']:,} cut at max_new_tokens, {bad['tool_refused']:,} with a "
-          f"refused or failing calculator call; {source.too_long:,} train questions left out (prompt longer than "
-          f"{r.max_prompt_tokens} tokens).\n\n{report.format_metrics(metrics)}\n\n"
-          f"![reward]({os.path.basename(png)})\n")
+    md = (f"## Reinforcement learning\n\nGRPO on {r.task} from the SFT checkpoint (step {meta['step']}): {n_iter} steps "
+          f"of {r.examples_per_step} questions x {r.num_samples} samples (<= {r.max_new_tokens} new tokens, "
+          f"temperature {r.temperature}, top-k {r.top_k}), pass@k on {metrics.get('eval_questions', 0)} test "
+          f"questions every {r.eval_every} steps. Completions scored 0 for want of a verdict: "
+          f"{metrics['completions_no_answer']:,} without a `#### <number>` answer, {metrics['completions_max_tokens']:,} "
+          f"cut at {r.max_new_tokens} tokens, {metrics['completions_tool_refused']:,} with a refused or failing "
+          f"calculator call; {source.too_long:,} train questions left out (prompt over {r.max_prompt_tokens} tokens)."
+          f"\n\n{report.format_metrics(metrics)}\n\n![reward]({os.path.basename(png)})\n")
+    print(f"rl checkpoint: {out['checkpoint']}")
     return dict(outputs=[out["checkpoint"], png], metrics=metrics, report=md)

@@ -10,35 +10,17 @@ from nanochat_jax import engine as engine_lib
 from nanochat_jax import model as model_lib
 from nanochat_jax import rl
 from nanochat_jax.config import base_config
+from nanochat_jax.tasks import load_task
+from nanochat_jax.tasks.gsm8k import GSM8K, assistant_parts
 from nanochat_jax.tokenizer import Tokenizer
 
+GSM8K_SCORER = GSM8K.__new__(GSM8K)  # GSM8K's own score(); the scorer needs no dataset
+
+
+def arithmetic(n=64, split="train"):
+    return load_task("arithmetic", split, limit=n)
+
 DOCS = "/usr/share/doc/python3.11/html/_sources/tutorial"
-
-
-class ToySums:
-    """`What is a + b?` answered through the calculator and `#### a+b`, like the arithmetic task."""
-
-    name, eval_type = "toy_sums", "generative"
-
-    def __init__(self, n=64, seed=0):
-        rng = random.Random(seed)
-        self.pairs = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(n)]
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, i):
-        a, b = self.pairs[i]
-        question = "What is " + " + ".join(["1"] * (i % 5)) + f" {a} + {b}?"  # prompts of several lengths
-        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": [
-            {"type": "python", "text": f"{a}+{b}"}, {"type": "python_output", "text": str(a + b)},
-            {"type": "text", "text": f"#### {a + b}"}]}]}
-
-    def score(self, conversation, completion):
-        content = conversation["messages"][-1]["content"]
-        reference = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
-        answer = lambda text: (m := rl.ANSWER_RE.search(text)) and m.group(1).replace(",", "")
-        return answer(completion) is not None and answer(completion) == answer(reference)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +29,17 @@ def tokenizer():
     return Tokenizer.train(texts, vocab_size=384)
 
 
-def _reference(answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"... #### {answer}"}]}
+def _gsm8k_conversation(answer: str) -> dict:
+    """A conversation as the GSM8K task makes it (its answer's calculator annotations become tool parts)."""
+    worked = f"Half of 8 is <<8/2=4>>4 apples, so the answer is {answer}.\n#### {answer}"
+    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": assistant_parts(worked)}]}
 
 
 @pytest.mark.parametrize("reference, completion, expected", [
     ("1234", "so #### 1,234", "right"),  # commas removed
     ("-5", "it falls by 5: #### -5", "right"),  # negatives
     ("5", "#### -5", "wrong"),
+    ("1234", "#### 1234.", "wrong"),  # the number takes the full stop: "1234." is not "1234"
     ("3.5", "#### 3.5", "right"),  # decimals, compared as written
     ("42", "#### 42 apples.\nThank you!", "right"),  # trailing text
     ("42", "#### 41 no wait #### 42", "wrong"),  # the first #### counts
@@ -63,13 +48,14 @@ def _reference(answer: str) -> dict:
     ("42", "####42", "no_answer"),  # "#### " then the number, as the reference's regex
 ])
 def test_reward_parsing(reference, completion, expected):
-    assert rl.outcome(ToySums(), _reference(reference), completion, stopped=True, refused=0) == expected
+    assert rl.outcome(GSM8K_SCORER, _gsm8k_conversation(reference), completion, stopped=True, refused=0) == expected
 
 
 def test_runaway_and_refused_tool_calls_score_zero_even_with_the_right_answer():
-    conv = _reference("42")
-    assert rl.outcome(ToySums(), conv, "#### 42", stopped=False, refused=0) == "max_tokens"
-    assert rl.outcome(ToySums(), conv, "#### 42", stopped=True, refused=1) == "tool_refused"
+    conv = _gsm8k_conversation("42")
+    assert rl.outcome(GSM8K_SCORER, conv, "#### 42", stopped=True, refused=0) == "right"
+    assert rl.outcome(GSM8K_SCORER, conv, "#### 42", stopped=False, refused=0) == "max_tokens"
+    assert rl.outcome(GSM8K_SCORER, conv, "#### 42", stopped=True, refused=1) == "tool_refused"
 
 
 def test_tool_refusals_from_tokens_and_masks():
@@ -138,7 +124,7 @@ def params():
 
 
 def test_source_batches_have_fixed_shapes_and_compile_once(tokenizer, params):
-    source = rl.RLSource(_rl_cfg(), ToySums(), tokenizer, CFG, seed=0)
+    source = rl.RLSource(_rl_cfg(), arithmetic(), tokenizer, CFG, seed=0)
     batch, info = source.next_batch(params)
     assert {k: v.shape for k, v in batch.items()} == {k: (12, 52) for k in ("inputs", "targets", "weights")}
     assert sum(info[k] for k in rl.OUTCOMES) == 12 and 0 <= info["mean_reward"] <= 1
@@ -148,30 +134,30 @@ def test_source_batches_have_fixed_shapes_and_compile_once(tokenizer, params):
     traces = dict(engine_lib.TRACES)
     lengths = set()
     for _ in range(3):  # other questions (prompts of other lengths), new params: nothing compiles again
-        lengths |= {len(tokenizer.render_for_completion(ToySums()[i])) for i in source.questions(source.step)}
+        lengths |= {len(tokenizer.render_for_completion(arithmetic()[i])) for i in source.questions(source.step)}
         source.next_batch(jax.tree.map(lambda x: x * 1.01, params))
     assert len(lengths) > 1
     assert dict(engine_lib.TRACES) == traces
 
 
 def test_resumed_source_repeats_questions_and_samples(tokenizer, params):
-    a = rl.RLSource(_rl_cfg(), ToySums(), tokenizer, CFG, seed=3)
+    a = rl.RLSource(_rl_cfg(), arithmetic(), tokenizer, CFG, seed=3)
     for _ in range(2):
         a.next_batch(params)
     state = a.get_state()
     expected = a.next_batch(params)
-    b = rl.RLSource(_rl_cfg(), ToySums(), tokenizer, CFG, seed=3)
+    b = rl.RLSource(_rl_cfg(), arithmetic(), tokenizer, CFG, seed=3)
     b.set_state(state)
     got = b.next_batch(params)
     for k in expected[0]:
         np.testing.assert_array_equal(got[0][k], expected[0][k])
-    other = rl.RLSource(_rl_cfg(), ToySums(), tokenizer, CFG, seed=4)
+    other = rl.RLSource(_rl_cfg(), arithmetic(), tokenizer, CFG, seed=4)
     other.set_state(state)
     assert other.questions(2) != a.questions(2)
 
 
 def test_questions_cover_an_epoch_then_reshuffle(tokenizer):
-    source = rl.RLSource(_rl_cfg(), ToySums(n=12), tokenizer, CFG, seed=0)
+    source = rl.RLSource(_rl_cfg(), arithmetic(12), tokenizer, CFG, seed=0)
     epoch = [q for s in range(3) for q in source.questions(s)]
     assert sorted(epoch) == list(range(12))
     assert sorted(q for s in range(3, 6) for q in source.questions(s)) == list(range(12))
@@ -179,7 +165,7 @@ def test_questions_cover_an_epoch_then_reshuffle(tokenizer):
 
 
 def test_long_prompts_are_left_out_and_counted(tokenizer):
-    task = ToySums(n=20)
+    task = arithmetic(20)
     lengths = [len(tokenizer.render_for_completion(task[i])) for i in range(20)]
     cut = sorted(lengths)[10]
     source = rl.RLSource(_rl_cfg(max_prompt_tokens=cut), task, tokenizer, CFG, seed=0)
@@ -188,7 +174,39 @@ def test_long_prompts_are_left_out_and_counted(tokenizer):
 
 
 def test_pass_at_k_eval_runs_every_question(tokenizer, params):
-    evaluate = rl.make_pass_at_k_eval(_rl_cfg(), ToySums(), tokenizer, CFG, seed=0)
+    evaluate = rl.make_pass_at_k_eval(_rl_cfg(), arithmetic(), tokenizer, CFG, seed=0)
     out = evaluate(params)
     assert set(out) == {"pass@1", "pass@2", "eval_mean_reward", "eval_questions"}
     assert out["eval_questions"] == 6 and 0 <= out["pass@1"] <= out["pass@2"] <= 1
+
+
+def test_one_rl_step_moves_the_policy_towards_the_rewarded_completion(tokenizer, params):
+    """Two completions of one prompt, advantages +1/2 and -1/2, one step of the shared training step (RL's
+    schedule and optimiser, the chunked loss with its negative weights): the rewarded completion gets likelier,
+    the other less likely, and prompt tokens, which carry no target, add nothing to the loss."""
+    from nanochat_jax import sharding, train
+
+    c = base_config().rl
+    cfg = CFG.__class__(**{**CFG.__dict__, "loss_chunk": 16})
+    prompt = tokenizer.render_for_completion(arithmetic()[0])
+    good, bad = tokenizer.encode("#### 2192"), tokenizer.encode("#### 17")
+    batch = dict(zip(("inputs", "targets", "weights"), rl.training_rows(
+        [prompt], [good, bad], [[1] * len(good), [1] * len(bad)], [True, True], np.array([.5, -.5], np.float32),
+        len(prompt) + 16, tokenizer.encode_special("<|assistant_end|>"))))
+    mesh = sharding.make_mesh(base_config().mesh, jax.devices()[:1])
+    step_fn, init_fn, _, _, shard = train.build_step(cfg, c, 10, mesh)
+    per_token = train.loss_evaluator(mesh, cfg)
+
+    def logp(p):  # log-likelihood of each completion (and its stop token) given the prompt
+        losses = per_token(p, batch["inputs"], batch["targets"])
+        return -losses.sum(axis=1)
+
+    state = init_fn(jax.random.key(0), params)
+    before = logp(state[0])
+    new_params, _, m = step_fn(*state, {k: sharding.global_batch(v[None], shard) for k, v in batch.items()})
+    after = logp(new_params)
+    print(before, after)
+    assert after[0] > before[0] and after[1] < before[1], (before, after)
+    expected = float((batch["weights"] * per_token(init_fn(jax.random.key(0), params)[0], batch["inputs"],
+                                                   batch["targets"])).sum() / (batch["targets"] != -1).sum())
+    np.testing.assert_allclose(float(m["loss"]), expected, rtol=1e-5)
