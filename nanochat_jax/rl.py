@@ -268,6 +268,10 @@ def num_iterations(rl_cfg, n_questions: int) -> int:
     return rl_cfg.num_iterations if rl_cfg.num_iterations > 0 else max(1, n_questions // rl_cfg.examples_per_step)
 
 
+def stage_done(config, stage: str = "rl") -> bool:
+    return chat_train.stage_done(config, stage)  # the done marker naming a final checkpoint that exists
+
+
 def _records(metrics_path: str) -> list[dict]:
     with open(metrics_path) as f:
         return [json.loads(line) for line in f if line.endswith("\n")]

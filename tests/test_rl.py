@@ -1,6 +1,10 @@
 """RL: rewards and their edge cases, advantages, the training rows' mask, fixed-shape rollouts, resume."""
+import json
 import os
-import random
+import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -205,8 +209,104 @@ def test_one_rl_step_moves_the_policy_towards_the_rewarded_completion(tokenizer,
     before = logp(state[0])
     new_params, _, m = step_fn(*state, {k: sharding.global_batch(v[None], shard) for k, v in batch.items()})
     after = logp(new_params)
-    print(before, after)
     assert after[0] > before[0] and after[1] < before[1], (before, after)
     expected = float((batch["weights"] * per_token(init_fn(jax.random.key(0), params)[0], batch["inputs"],
                                                    batch["targets"])).sum() / (batch["targets"] != -1).sum())
     np.testing.assert_allclose(float(m["loss"]), expected, rtol=1e-5)
+
+
+# ---- the stage as a user runs it: a real process, real Orbax checkpoints, a real SIGKILL ----
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE_FLAGS = [
+    "--config=configs/tiny.py", "--stages=rl", "--config.mesh.data=1", "--config.rl.task=arithmetic",
+    "--config.rl.train_examples=8", "--config.rl.examples_per_step=4", "--config.rl.num_samples=4",
+    "--config.rl.max_new_tokens=80", "--config.rl.max_prompt_tokens=32", "--config.rl.device_batch_size=8",
+    "--config.rl.num_iterations=8", "--config.rl.save_every=2", "--config.rl.eval_every=4",
+    "--config.rl.eval_examples=4", "--config.rl.eval_samples=2",
+]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tokenizer):
+    """A base_dir with a tokenizer and an 'sft' checkpoint of a depth-1 model that has memorised 8 arithmetic
+    conversations well enough to be right about a third of the time at temperature 1 (so rewards vary)."""
+    import optax
+
+    from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+
+    root = tmp_path_factory.mktemp("rl_stage")
+    c = base_config()
+    c.model.update(dict(depth=1, aspect_ratio=64, head_dim=32, sequence_len=128, compute_dtype="float32"))
+    c.tokenizer.vocab_size = tokenizer.vocab_size
+    cfg = model_lib.ModelConfig.from_config(c)
+    task = arithmetic(8)
+    inputs, targets = np.zeros((8, 100), np.int32), np.full((8, 100), -1, np.int32)
+    for r in range(8):
+        ids, mask = tokenizer.render_conversation(task[r])
+        inputs[r, :len(ids) - 1] = ids[:-1]
+        targets[r, :len(ids) - 1] = np.where(np.array(mask[1:]) == 1, ids[1:], -1)
+    p = model_lib.init_params(cfg, jax.random.key(0))
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(lambda p: model_lib.loss_fn(p, cfg, inputs, targets)[0])(p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    s = opt.init(p)
+    for _ in range(150):
+        p, s = step(p, s)
+    tokenizer.save(root / "template" / "tokenizer")
+    ckpt = Checkpointer(checkpoint_dir(str(root / "template"), "sft", "tiny"))
+    ckpt.save(150, p, s, train={}, meta=dict(config=c.to_json(), tokenizer_hash=tokenizer.hash, stage="sft", step=150))
+    ckpt.close()
+    return root
+
+
+def _stage(base_dir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "run_pipeline.py", *STAGE_FLAGS, f"--base_dir={base_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _records(base_dir):
+    path = base_dir / "logs" / "rl.jsonl"
+    return [json.loads(line) for line in open(path) if line.endswith("\n")] if path.exists() else []
+
+
+def test_stage_resumes_after_sigkill_with_the_same_questions_and_seeds(sft_run):
+    ref_dir = sft_run / "reference"
+    shutil.copytree(sft_run / "template", ref_dir)
+    out, _ = (proc := _stage(ref_dir)).communicate(timeout=600)
+    assert proc.returncode == 0, out
+    reference = _records(ref_dir)
+    assert [r["step"] for r in reference] == list(range(9))  # step 0: the first evaluation
+    steps = reference[1:]
+    assert len({r["mean_reward"] for r in steps}) > 1 and any(r["loss"] != 0 for r in steps)  # rewards vary
+    assert sum(r[k] for r in steps for k in rl.OUTCOMES) == 8 * 16
+    assert {"pass@1", "pass@2"} <= set(reference[4]) and {"pass@1", "pass@2"} <= set(reference[8])
+    summary = json.loads((ref_dir / "report" / "rl.json").read_text())
+    assert summary["steps"] == 8 and "mean_reward_first" in summary and "completions_tool_refused" in summary
+    assert (ref_dir / "report" / "rl_reward.png").stat().st_size > 0
+    assert "## Reinforcement learning" in (ref_dir / "report.md").read_text()
+
+    run_dir = sft_run / "killed"
+    shutil.copytree(sft_run / "template", run_dir)
+    proc = _stage(run_dir)
+    deadline = time.time() + 300
+    while proc.poll() is None and len(_records(run_dir)) < 4 and time.time() < deadline:
+        time.sleep(0.05)  # past step 2's checkpoint, into step 3 or 4
+    assert proc.poll() is None, proc.stdout.read()
+    proc.kill()
+    proc.wait()
+    out, _ = (proc := _stage(run_dir)).communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "resumed from step" in out
+    resumed = _records(run_dir)
+    assert [r["step"] for r in resumed] == list(range(9))
+    keys = ("loss", "mean_reward", "answer_tokens", "pass@1", *rl.OUTCOMES)
+    assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in reference]
+    out, _ = (proc := _stage(run_dir)).communicate(timeout=600)  # complete: a rerun skips the stage
+    assert proc.returncode == 0 and "stage rl: complete, skipped" in out, out
