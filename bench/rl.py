@@ -94,8 +94,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         batch, info = source.next_batch(params)
         t1 = time.perf_counter()
-        shaped = {k: v.reshape(accum, rows // accum, -1) for k, v in batch.items()}
-        params, opt_state, m = step_fn(params, opt_state, sharding.global_batch(shaped, batch_shard))
+        batch = {k: sharding.global_batch(v.reshape(accum, rows // accum, -1), batch_shard) for k, v in batch.items()}
+        params, opt_state, m = step_fn(params, opt_state, batch)
         float(m["loss"])
         t2 = time.perf_counter()
         tokens = int(round(info["answer_tokens"] * rows))

@@ -210,7 +210,8 @@ _NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "sft.mc_eval_problems",
 
 
 def _validate_rl(c) -> None:
-    """RL's own fields (its training fields are checked with the other training sections')."""
+    """RL's own fields (its training fields are checked with the other training sections'; that prompt and answer
+    fit the context is checked by the stage, against the SFT checkpoint's sequence length)."""
     r = c.rl
     for key in ("examples_per_step", "num_samples", "max_new_tokens", "max_prompt_tokens", "eval_examples",
                 "eval_samples"):
@@ -218,9 +219,6 @@ def _validate_rl(c) -> None:
             raise ConfigError(f"config.rl.{key} must be > 0, got {r[key]!r}")
     if r.temperature < 0 or r.top_k < 0:
         raise ConfigError(f"config.rl.temperature and top_k must be >= 0, got {r.temperature!r}, {r.top_k!r}")
-    if r.max_prompt_tokens + r.max_new_tokens > c.model.sequence_len:
-        raise ConfigError(f"config.rl.max_prompt_tokens + max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} "
-                          f"must fit config.model.sequence_len={c.model.sequence_len}")
     if r.eval_samples > r.examples_per_step * r.num_samples:
         raise ConfigError(f"config.rl.eval_samples={r.eval_samples} must be <= examples_per_step x num_samples "
                           f"(an eval call holds as many rows as a step)")

@@ -24,6 +24,27 @@ GSM8K_SCORER = GSM8K.__new__(GSM8K)  # GSM8K's own score(); the scorer needs no 
 def arithmetic(n=64, split="train"):
     return load_task("arithmetic", split, limit=n)
 
+
+class Wordy:
+    """The arithmetic task with a preamble of 12 words before every fourth question, so that a step's longest
+    prompt is shorter than 64 tokens or longer (two of the engine's prompt-length buckets)."""
+
+    name, eval_type = "wordy_arithmetic", "generative"
+
+    def __init__(self, n=64):
+        self.task = arithmetic(n)
+
+    def __len__(self):
+        return len(self.task)
+
+    def __getitem__(self, i):
+        conv = self.task[i]
+        conv["messages"][0]["content"] = "please " * (12 * (i % 4 == 0)) + conv["messages"][0]["content"]
+        return conv
+
+    def score(self, conversation, completion):
+        return self.task.score(conversation, completion)
+
 DOCS = "/usr/share/doc/python3.11/html/_sources/tutorial"
 
 
@@ -128,20 +149,21 @@ def params():
 
 
 def test_source_batches_have_fixed_shapes_and_compile_once(tokenizer, params):
-    source = rl.RLSource(_rl_cfg(), arithmetic(), tokenizer, CFG, seed=0)
-    batch, info = source.next_batch(params)
-    assert {k: v.shape for k, v in batch.items()} == {k: (12, 52) for k in ("inputs", "targets", "weights")}
-    assert sum(info[k] for k in rl.OUTCOMES) == 12 and 0 <= info["mean_reward"] <= 1
-    assert info["rollout_tok_s"] > 0 and 0 < info["answer_tokens"] <= 12
-    # weights follow the advantages: zero-sum over each question's sampled tokens only where all equal
-    assert np.all(batch["weights"][batch["targets"] == -1] == 0)
+    """Prompts of 20 to 80 tokens (two of the engine's prompt buckets) and new params every step: generation
+    compiles once, and every batch has the same shape."""
+    task = Wordy()
+    source = rl.RLSource(_rl_cfg(max_prompt_tokens=100), task, tokenizer, CFG, seed=0)
     traces = dict(engine_lib.TRACES)
-    lengths = set()
-    for _ in range(3):  # other questions (prompts of other lengths), new params: nothing compiles again
-        lengths |= {len(tokenizer.render_for_completion(arithmetic()[i])) for i in source.questions(source.step)}
-        source.next_batch(jax.tree.map(lambda x: x * 1.01, params))
-    assert len(lengths) > 1
-    assert dict(engine_lib.TRACES) == traces
+    longest = []
+    for step in range(5):
+        longest.append(max(len(tokenizer.render_for_completion(task[i])) for i in source.questions(source.step)))
+        batch, info = source.next_batch(jax.tree.map(lambda x: x * (1 + step / 100), params))
+        assert {k: v.shape for k, v in batch.items()} == {k: (12, 112) for k in ("inputs", "targets", "weights")}
+        assert sum(info[k] for k in rl.OUTCOMES) == 12 and 0 <= info["mean_reward"] <= 1
+        assert info["rollout_tok_s"] > 0 and 0 < info["answer_tokens"] <= 12
+        assert np.all(batch["weights"][batch["targets"] == -1] == 0)
+    assert min(longest) < 64 < max(longest), longest
+    assert all(n - traces.get(name, 0) <= 1 for name, n in engine_lib.TRACES.items()), (traces, engine_lib.TRACES)
 
 
 def test_resumed_source_repeats_questions_and_samples(tokenizer, params):
