@@ -18,8 +18,11 @@ however long the answers are. Questions whose prompt is longer are left out of t
 
 **Decisions** (the issue's, beyond the reference): a completion that hits max_new_tokens without stopping,
 one with a calculator call that was refused or failed, and one with no `#### <number>` answer all score 0
-(each counted); the stop token a completion ended with is trained on like any sampled token (the
-reference drops it, so the model is never rewarded for stopping).
+(each counted); the stop a completion ended with is trained on like any sampled token, as
+<|assistant_end|> (the reference drops it, so stopping is never rewarded; the engine does not say whether
+the stop was <|assistant_end|> or the rarer <|bos|>).
+
+bench/rl.py times a step of the recipe's shape on a random d20 (rollout tokens/s, seconds a step).
 """
 from __future__ import annotations
 
@@ -29,9 +32,8 @@ import logging
 import os
 import time
 
-import numpy as np
-
 import jax
+import numpy as np
 
 from nanochat_jax import chat_train, report, sharding, train
 from nanochat_jax import checkpoint as ckpt_lib
@@ -52,7 +54,8 @@ OUTCOMES = ("right", "wrong", "no_answer", "max_tokens", "tool_refused")
 
 def tool_refusals(tokens, mask, stopped: bool, python_end: int, output_start: int) -> int:
     """Calculator calls that got no output: a sampled <|python_end|> not followed by a forced
-    <|output_start|> (the engine forces the output right after the call, or nothing when refused)."""
+    <|output_start|> (the engine forces the output right after the call, or nothing when the calculator
+    refuses or fails; a <|python_end|> with no call open gets nothing either, and counts too)."""
     n = 0
     for i, (t, m) in enumerate(zip(tokens, mask)):
         if t == python_end and m == 1:

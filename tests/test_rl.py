@@ -332,3 +332,25 @@ def test_stage_resumes_after_sigkill_with_the_same_questions_and_seeds(sft_run):
     assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in reference]
     out, _ = (proc := _stage(run_dir)).communicate(timeout=600)  # complete: a rerun skips the stage
     assert proc.returncode == 0 and "stage rl: complete, skipped" in out, out
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_samples", 0, "config.rl.num_samples must be > 0"),
+    ("top_k", -1, "config.rl.temperature and top_k must be >= 0"),
+    ("init_lr_frac", 0.0, "config.rl.init_lr_frac must be > 0"),
+    ("eval_samples", 300, "config.rl.eval_samples=300 must be <= examples_per_step x num_samples"),
+])
+def test_bad_rl_config_names_the_key(key, value, message):
+    from nanochat_jax.config import ConfigError, validate
+
+    c = base_config()
+    c.rl[key] = value
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        validate(c)
+
+
+def test_stage_off_by_the_switch(tmp_path):
+    c = base_config()
+    c.base_dir, c.rl.enabled = str(tmp_path), False
+    out = rl.run_stage(c)
+    assert out["outputs"] == [] and "Off" in out["report"] and not os.listdir(tmp_path)
