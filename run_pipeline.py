@@ -3,6 +3,7 @@
     python run_pipeline.py --config=configs/tiny.py                 # the embedded default, CPU, offline
     python run_pipeline.py --config=configs/d20.py --stages=base    # one stage
     python run_pipeline.py --config=configs/d20.py --config.train.device_batch_size=16
+    python run_pipeline.py --config=configs/d20.py --dry_run       # the plan on 8 GPUs, checked on a CPU
 
 Each stage is idempotent: a stage whose output is complete is skipped (--force redoes it); a stage
 that was killed half-way resumes or redoes its work. Logs go to the console and <base_dir>/logs/.
@@ -10,7 +11,6 @@ that was killed half-way resumes or redoes its work. Logs go to the console and 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import sys
@@ -33,6 +33,10 @@ _CONFIG = None  # defined by _parse_flags after _preflight: config_flags applies
 _STAGES = flags.DEFINE_string("stages", None, "Comma-separated stages to run (default: config.stages).")
 _BASE_DIR = flags.DEFINE_string("base_dir", None, "Where the run writes everything (default: config.base_dir).")
 _FORCE = flags.DEFINE_bool("force", False, "Redo the selected stages even if their output is complete.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build every stage abstractly on fake CPU devices and print the plan "
+                             "(steps, memory, files, time, cost); run nothing (nanochat_jax/dry_run.py).")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 8, "GPUs the dry run plans for.")
+_DRY_RUN_GPU = flags.DEFINE_string("dry_run_gpu", "H100", "GPU model the dry run plans for (H100 | H200).")
 
 log = logging.getLogger("nanochat_jax")
 
@@ -73,22 +77,12 @@ def run(config, stages: list[str], force: bool = False) -> list[dict]:
         t0 = time.time()
         result = module.run_stage(config, name)
         seconds = time.time() - t0
-        if result.get("report"):
-            report.write_section(config.base_dir, name, result["report"])
-        _write_metrics(config.base_dir, name, dict(result.get("metrics", {}), seconds=seconds))
+        metrics = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))}
+        report.write_section(config.base_dir, name, result.get("report", ""), dict(metrics, seconds=seconds))
         log.info("stage %s: done in %.1f s", name, seconds)
         rows.append(dict(stage=name, status="ran", seconds=seconds, outputs=result.get("outputs", []),
                          metrics=result.get("metrics", {})))
     return rows
-
-
-def _write_metrics(base_dir: str, stage: str, metrics: dict) -> None:
-    """<base_dir>/report/<stage>.json: the stage's numbers, for the report's summary table."""
-    path = os.path.join(report.report_dir(base_dir), f"{stage}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def _print_summary(rows: list[dict], base_dir: str, log_path: str) -> None:
@@ -100,6 +94,10 @@ def _print_summary(rows: list[dict], base_dir: str, log_path: str) -> None:
         for out in row["outputs"]:
             print(f"{'':<10} -> {out}")
     print(f"report: {os.path.join(base_dir, 'report.md')}\nlog:    {log_path}")
+    from nanochat_jax import chat_app  # imports gradio: only once the run is over
+    command = chat_app.launch_command(base_dir)
+    if command:
+        print(f"chat:   {command}")
 
 
 def main(argv):
@@ -111,6 +109,10 @@ def main(argv):
     config.base_dir = os.path.expanduser(config.base_dir)
     validate(config)
     stages = _select_stages(config)
+    if _DRY_RUN.value:  # jax is not imported yet: the dry run sets up its fake devices first
+        from nanochat_jax import dry_run
+        dry_run.main(config, stages, _DRY_RUN_DEVICES.value, _DRY_RUN_GPU.value)
+        return
     log_path = _setup_logging(config.base_dir)
     log.info("config:\n%s", config)
     rows = run(config, stages, force=_FORCE.value)

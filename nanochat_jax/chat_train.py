@@ -19,7 +19,7 @@ from nanochat_jax import chat_data, report, sharding, train
 from nanochat_jax import checkpoint as ckpt_lib
 from nanochat_jax import model as model_lib
 from nanochat_jax.config import UserError
-from nanochat_jax.tasks import load_mixture
+from nanochat_jax.tasks import hub, load_mixture, tasks_dir
 from nanochat_jax.tasks.base import Mixture, TaskSequence
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,6 @@ def with_parent_shape(config, parent_config):
     return config
 
 
-def _data_dir(config) -> str:
-    return os.path.join(os.path.expanduser(config.data.dir), "tasks")
-
-
 def _val_loss_eval(mesh, model_cfg, rendered, rows: int, pad_id: int):
     """fn(params) -> {"val_loss": mean loss over the supervised tokens of the rendered val conversations}."""
     per_token_loss = train.loss_evaluator(mesh, model_cfg)
@@ -76,11 +72,33 @@ def _val_loss_eval(mesh, model_cfg, rendered, rows: int, pad_id: int):
     return evaluate
 
 
+def _mc_eval(config, model_cfg, mesh, tokenizer, section):
+    """fn(params) -> {task: accuracy} of the categorical tasks in section.mc_eval_tasks (argmax over the answer
+    letters, evals/chat_eval.py), on at most section.mc_eval_problems problems each. One Forward: the
+    likelihood programs compile once and every evaluation swaps in the current params."""
+    from evals.chat_eval import load_eval_task, parse_tasks, run_categorical
+    from evals.likelihood import Forward
+
+    tasks = {n: load_eval_task(n, section.mc_eval_problems or -1, tasks_dir(config))
+             for n in parse_tasks(section.mc_eval_tasks)}
+    forward = []
+
+    def evaluate(params):
+        if not forward:
+            forward.append(Forward(params, model_cfg, mesh, config.eval.batch_tokens, config.eval.max_rows,
+                                   tokenizer.bos_id))
+        forward[0].params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+        return {n: correct / total for n, (correct, total) in
+                ((n, run_categorical(task, forward[0], tokenizer)) for n, task in tasks.items())}
+    return evaluate
+
+
 def _chat_samples(params, model_cfg, tokenizer, val: TaskSequence) -> list[tuple[str, str]]:
     """A few held-out prompts and the model's greedy answers (calculator on)."""
     from nanochat_jax.engine import Engine
 
-    conversations = [val[i] for i in range(min(SAMPLE_CONVERSATIONS, len(val)))]
+    n = min(SAMPLE_CONVERSATIONS, len(val))
+    conversations = [val[i * len(val) // n] for i in range(n)]  # spread over the val set's tasks
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     prompts = [p for p in prompts if len(p) < model_cfg.sequence_len - 64]
     if not prompts:
@@ -106,8 +124,10 @@ def run_stage(config, stage: str) -> dict:
     pi, pc = jax.process_index(), jax.process_count()
     t0 = time.time()
     counts, val_counts = chat_data.RenderCounts(), chat_data.RenderCounts()
-    mixture = Mixture(load_mixture(section.mixture, _data_dir(config)), seed=42)
-    val = TaskSequence(load_mixture(section.val_mixture, _data_dir(config))) if section.val_mixture else None
+    bad_rows_before = dict(hub.BAD_ROWS)
+    mixture = Mixture(load_mixture(section.mixture, tasks_dir(config)), seed=42)
+    val = TaskSequence(load_mixture(section.val_mixture, tasks_dir(config))) if section.val_mixture else None
+    counts["bad_dataset_rows"] = sum(hub.BAD_ROWS.values()) - sum(bad_rows_before.values())
 
     if stage == "mid":
         tokens, mask = chat_data.render_stream(tokenizer, mixture, T, counts)
@@ -131,6 +151,8 @@ def run_stage(config, stage: str) -> dict:
             val_rendered = [r for r in (chat_data.render(tokenizer, val[i], T + 1, val_counts)
                                         for i in range(min(len(val), section.val_conversations))) if r is not None]
             evals.append((section.eval_every, _val_loss_eval(mesh, model_cfg, val_rendered, rows_per_micro, pad_id)))
+        if section.mc_eval_tasks:
+            evals.append((section.mc_eval_every, _mc_eval(config, model_cfg, mesh, tokenizer, section)))
         val_key = "val_loss"
     n_iter = section.num_iterations if section.num_iterations > 0 else source.steps_per_epoch
     log.info("%s: %s conversations (%s), %d steps of %d rows (%d steps make one epoch)", stage,
@@ -148,7 +170,8 @@ def run_stage(config, stage: str) -> dict:
                                                                  f"{stage}_loss.png"), val_key)
     samples = _chat_samples(out["params"], model_cfg, tokenizer, val) if val is not None else []
     metrics = {"steps": n_iter, "epochs": n_iter / source.steps_per_epoch, "conversations": counts["rendered"],
-               "bad_conversations_skipped": counts["skipped_invalid"], "conversations_truncated": counts["truncated"],
+               "bad_conversations_skipped": counts["skipped_invalid"] + counts["bad_dataset_rows"],
+               "conversations_truncated": counts["truncated"],
                "calculator_refused_calls": counts["calculator_refused"],
                "seconds_per_step": out["seconds_per_step"], "wall_seconds": time.time() - t0}
     history = out["history"].get(val_key)

@@ -35,9 +35,12 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, train: dict, meta: dict) -> None:
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            train=ocp.args.JsonSave(train), meta=ocp.args.JsonSave(meta)))
+        """opt_state None: a params-only checkpoint (import_hf's), which restore_model reads and training
+        cannot resume from."""
+        items = dict(params=ocp.args.StandardSave(params), train=ocp.args.JsonSave(train), meta=ocp.args.JsonSave(meta))
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, force=True, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
         """abstract_*: trees of jax.ShapeDtypeStruct carrying the target shardings."""

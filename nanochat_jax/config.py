@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.eval_every = 100
     c.sft.eval_tokens = 0  # SFT's val loss runs over val_conversations instead
     c.sft.val_conversations = 1024
-    c.sft.mc_eval_every = 200  # MMLU / ARC-Easy accuracy (categorical)
+    c.sft.mc_eval_tasks = "MMLU,ARC-Easy"  # accuracy (categorical) during SFT; "" = none
+    c.sft.mc_eval_every = 200
     c.sft.mc_eval_problems = 1024
 
     # --- RL (STAGES.md §4): from SFT, GRPO on GSM8K train, 16 questions x 16 samples a step, one epoch ---
@@ -143,8 +144,33 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- evals (§5), report and chat app (§7): sections filled by their stages ---
     c.eval = ml_collections.ConfigDict()
+    # CORE (base_eval): DCLM's bundle, fetched once into <data.dir>/eval_bundle; "" = no bundle (offline)
+    c.eval.core_bundle_url = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+    c.eval.core_max_per_task = -1  # -1 = every example of each task (the reference's in-training CORE: 500)
+    c.eval.batch_tokens = 65_536  # tokens per likelihood forward (CORE, categorical chat tasks)
+    c.eval.max_rows = 256  # rows per likelihood forward at most
+    # chat evals (chat_eval after sft, rl_eval after rl)
+    c.eval.chat_tasks = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
+    c.eval.chat_max_problems = -1  # -1 = the whole test set (synthetic tasks: 256 problems)
+    c.eval.max_new_tokens = 512  # generative tasks, greedy, calculator on
+    c.eval.generate_batch_size = 128  # prompts per on-device generation batch
     c.report = ml_collections.ConfigDict()
     c.report.gpu_hour_price = 3.0  # $ per GPU-hour, for the report's cost line
+    # the Gradio chat (python -m nanochat_jax.chat_app); limits as the reference's web chat (STAGES.md §7)
+    c.chat = ml_collections.ConfigDict()
+    c.chat.temperature = 0.8  # the UI's defaults
+    c.chat.top_k = 50
+    c.chat.max_tokens = 512
+    c.chat.max_temperature = 2.0  # requests outside [0, max_temperature], [1, max_top_k], [1, max_max_tokens]
+    c.chat.max_top_k = 200  # are refused with a message
+    c.chat.max_max_tokens = 4096
+    c.chat.max_messages = 500  # in one conversation
+    c.chat.max_message_chars = 8000
+    c.chat.max_total_chars = 32000  # the whole conversation
+    c.chat.concurrency = 4  # replies generated at once by the one engine; the rest wait in the queue
+    c.chat.queue_size = 64  # requests waiting beyond this are turned away ("queue full")
+    c.chat.timeout_s = 120.0  # a reply stops after this long
+    c.chat.loaded_models = 2  # checkpoints kept in memory when users pick several
 
     # --- which stages run_pipeline.py runs, in pipeline order ---
     c.stages = "tokenizer,base,base_eval,mid,sft,chat_eval,rl,rl_eval,report"
@@ -207,6 +233,9 @@ _FRACTIONS = tuple(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
 _NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "sft.mc_eval_problems",
                  *(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
                      "weight_decay", "grad_clip", "muon_momentum_warmup_steps")))
+_POSITIVE += ("chat.top_k", "chat.max_tokens", "chat.max_top_k", "chat.max_max_tokens", "chat.max_messages",
+              "chat.max_message_chars", "chat.max_total_chars", "chat.concurrency", "chat.queue_size",
+              "chat.timeout_s", "chat.loaded_models")
 
 
 def _validate_rl(c) -> None:
@@ -262,6 +291,28 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")
     _validate_rl(c)
+    if c.report.gpu_hour_price < 0:
+        raise ConfigError(f"config.report.gpu_hour_price must be >= 0, got {c.report.gpu_hour_price}")
+    ch = c.chat
+    if not 0 <= ch.temperature <= ch.max_temperature:
+        raise ConfigError(f"config.chat.temperature must be in [0, chat.max_temperature={ch.max_temperature}], "
+                          f"got {ch.temperature}")
+    for key, bound in (("top_k", "max_top_k"), ("max_tokens", "max_max_tokens"), ("max_message_chars", "max_total_chars")):
+        if ch[key] > ch[bound]:
+            raise ConfigError(f"config.chat.{key}={ch[key]} must be <= config.chat.{bound}={ch[bound]}")
+    from nanochat_jax.tasks import check_mixture  # no jax, no data read: names, splits and sizes only
+    for key in ("mid.mixture", "mid.val_mixture", "sft.mixture", "sft.val_mixture"):
+        if _get(c, key):
+            try:
+                check_mixture(_get(c, key))
+            except UserError as e:
+                raise ConfigError(f"config.{key}: {e}") from None
+    for key in ("batch_tokens", "max_rows", "max_new_tokens", "generate_batch_size"):
+        if not c.eval[key] > 0:
+            raise ConfigError(f"config.eval.{key} must be > 0, got {c.eval[key]!r}")
+    for key in ("core_max_per_task", "chat_max_problems"):
+        if c.eval[key] == 0 or c.eval[key] < -1:
+            raise ConfigError(f"config.eval.{key} must be > 0 or -1 (all), got {c.eval[key]}")
     stages = [s.strip() for s in c.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in KNOWN_STAGES]
     if unknown:

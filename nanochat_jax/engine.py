@@ -8,9 +8,11 @@ The jitted pieces (shapes static, everything else traced):
     feed it at the row's own position, return the next logits. The cache is donated, so it is
     updated in place.
 Drivers over the same step function:
-  - `Engine.generate_batch`: the whole generation in one `lax.while_loop` on device (no host round
-    trip per token). Tool use is impossible there: the calculator is Python and needs the tokenizer,
-    so `use_tools=True` falls back to the streaming driver.
+  - `Engine.generate_batch`: the whole generation in `lax.while_loop`s on device (no host round trip
+    per token). With tools the loop also exits when a row closes a calculator call (<|python_end|>):
+    the host runs the calculator (Python, with the tokenizer) for those rows and resumes the loop with
+    a per-row buffer of tokens to force (<|output_start|>result<|output_end|>, mask 0). Calls are few
+    per answer, so the loop rarely exits. Many prompts go in fixed-size chunks sorted by length.
   - `Engine.generate`: a Python generator calling the jitted step once per token; it yields each
     token column as it comes and runs the tool state machine (on <|python_end|> the text since
     <|python_start|> goes to tools.calculate and <|output_start|>result<|output_end|> is forced).
@@ -143,38 +145,75 @@ def decode(params, cfg, top_k, top_p, logits_BxV, key, step, temperature, forced
     return _step(params, cfg, top_k, top_p, logits_BxV, key, step, temperature, forced_B, positions_B, cache)
 
 
+def _loop(params, cfg, top_k, top_p, state, buf_NxF, key, temperature, max_tokens, prompt_len, stop_ids, pad_id,
+          tool_ids):
+    """Steps until every row stopped, max_tokens, or (tool_ids given) a row closed a calculator call.
+    A row takes its forced tokens from buf_NxF (-1 = none left) before it samples again."""
+    stops = jnp.array(stop_ids, jnp.int32)
+    max_len = state["out"].shape[1]
+
+    def cond(end, s):
+        go = (s["step"] < max_tokens) & ~jnp.all(s["done"]) & (jnp.max(s["positions"]) < end)
+        return go & ~jnp.any(s["call"]) if tool_ids else go
+
+    def body(end, s):
+        forced = jnp.take_along_axis(buf_NxF, s["ptr"][:, None], axis=1)[:, 0]
+        tok, logits, positions, cache = _step(params, dataclasses.replace(cfg, attend_len=end), top_k, top_p,
+                                              s["logits"], key, s["step"], temperature, forced, s["positions"],
+                                              s["cache"])
+        sampled = (forced < 0) & ~s["done"]
+        tok = jnp.where(s["done"], pad_id, tok)
+        s = dict(s, logits=logits, positions=positions, cache=cache, step=s["step"] + 1,
+                 out=lax.dynamic_update_slice(s["out"], tok[:, None], (0, s["step"])),
+                 forced=lax.dynamic_update_slice(s["forced"], (forced >= 0)[:, None], (0, s["step"])),
+                 done=s["done"] | (sampled & jnp.isin(tok, stops)), ptr=s["ptr"] + (forced >= 0))
+        if tool_ids:  # a call is <|python_start|> ... <|python_end|>, both sampled
+            start, end_ = tool_ids
+            s["call"] = sampled & (tok == end_) & s["open"]
+            s["open"] = jnp.where(sampled & (tok == start), True, jnp.where(sampled & (tok == end_), False, s["open"]))
+        return s
+
+    # One loop per attention length: while every row writes below `end`, steps read only cache[:end].
+    # The first assumes the longest prompt fills its bucket (prompt_len); the last ends at max_len, so no
+    # step is lost. A resumed loop skips the lengths it has passed (their cond is false at once).
+    for end in _attend_buckets(prompt_len + 1, max_len):
+        state = lax.while_loop(functools.partial(cond, end), functools.partial(body, end), state)
+    return state
+
+
 # cuBLAS rather than XLA's Triton GEMMs for these skinny decode products: 32 rows went from 14.0K to
 # 15.8K tok/s at d20 on an H100 (training keeps the default: there it was slower). Ignored off GPU.
-@functools.partial(jax.jit, static_argnames=("cfg", "top_k", "top_p", "max_len", "copies", "stop_ids", "pad_id"),
-                   compiler_options={"xla_gpu_enable_triton_gemm": False})
+_DECODE_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k", "top_p", "max_len", "copies", "stop_ids", "pad_id",
+                                             "tool_ids"), compiler_options=_DECODE_OPTIONS)
 def generate_on_device(params, cfg, tokens_BxT, lengths_B, key, temperature, max_tokens, *, top_k, top_p,
-                       max_len, copies, stop_ids, pad_id):
-    """Prefill + a while_loop of steps until every row stopped or max_tokens -> (N, max_len) int32
-    tokens, pad_id after a row's stop token."""
+                       max_len, copies, stop_ids, pad_id, tool_ids=None):
+    """Prefill + a while_loop of steps until every row stopped or max_tokens (or, with tool_ids =
+    (python_start, python_end), until a row closes a calculator call) -> the loop state: `out` (N, max_len)
+    int32 tokens (pad_id after a row's stop token), `forced` (N, max_len) bool, `step`, `call` (N,) bool
+    (rows waiting for a calculator result), and what `resume_on_device` needs to go on."""
     TRACES["generate"] += 1
     logits, cache, positions = _prefill(params, cfg, tokens_BxT, lengths_B, max_len, copies)
     N = logits.shape[0]
-    no_force_N = jnp.full((N,), -1, jnp.int32)
-    stops = jnp.array(stop_ids, jnp.int32)
+    no = jnp.zeros(N, bool)
+    state = dict(step=jnp.int32(0), logits=logits, positions=positions, cache=cache, done=no, call=no, open=no,
+                 ptr=jnp.zeros(N, jnp.int32), out=jnp.full((N, max_len), pad_id, jnp.int32),
+                 forced=jnp.zeros((N, max_len), bool))
+    return _loop(params, cfg, top_k, top_p, state, jnp.full((N, 1), -1, jnp.int32), key, temperature, max_tokens,
+                 tokens_BxT.shape[1], stop_ids, pad_id, tool_ids)
 
-    def cond(end, carry):
-        step, _, positions, _, done_N, _ = carry
-        return (step < max_tokens) & ~jnp.all(done_N) & (jnp.max(positions) < end)
 
-    def body(end, carry):
-        step, logits, positions, cache, done_N, out_NxS = carry
-        tok, logits, positions, cache = _step(params, dataclasses.replace(cfg, attend_len=end), top_k, top_p, logits,
-                                              key, step, temperature, no_force_N, positions, cache)
-        tok = jnp.where(done_N, pad_id, tok)
-        out_NxS = lax.dynamic_update_slice(out_NxS, tok[:, None], (0, step))
-        return step + 1, logits, positions, cache, done_N | jnp.isin(tok, stops), out_NxS
-
-    carry = (jnp.int32(0), logits, positions, cache, jnp.zeros(N, bool), jnp.full((N, max_len), pad_id, jnp.int32))
-    # One loop per attention length: while every row writes below `end`, steps read only cache[:end].
-    # The first assumes the longest prompt fills its bucket (T); the last ends at max_len, so no step is lost.
-    for end in _attend_buckets(tokens_BxT.shape[1] + 1, max_len):
-        carry = lax.while_loop(functools.partial(cond, end), functools.partial(body, end), carry)
-    return carry[-1]
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k", "top_p", "prompt_len", "stop_ids", "pad_id", "tool_ids"),
+                   donate_argnames=("state",), compiler_options=_DECODE_OPTIONS)
+def resume_on_device(params, cfg, state, buf_NxF, key, temperature, max_tokens, *, top_k, top_p, prompt_len,
+                     stop_ids, pad_id, tool_ids):
+    """Go on from a state generate_on_device (or this) returned, rows forcing buf_NxF's tokens first."""
+    TRACES["resume"] += 1
+    state = dict(state, ptr=jnp.zeros_like(state["ptr"]), call=jnp.zeros_like(state["call"]))
+    return _loop(params, cfg, top_k, top_p, state, buf_NxF, key, temperature, max_tokens, prompt_len, stop_ids,
+                 pad_id, tool_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +271,7 @@ class Engine:
             raise ValueError(f"need num_samples >= 1, top_k >= 1 or None, top_p in (0, 1] or None; "
                              f"got {num_samples}, {top_k}, {top_p}")
         T = min(seq, max(MIN_PROMPT_BUCKET, 1 << (max(lengths) - 1).bit_length()))
-        needed = seq if max_tokens is None else max(lengths) + max_tokens
+        needed = seq if max_tokens is None else T + max_tokens  # from the bucket: one cache length per bucket
         max_len = min(seq, max(T, _round_up(needed, CACHE_LEN_MULTIPLE)))
         max_tokens = min(max_tokens or seq, max_len - max(lengths))
         tokens_BxT = np.zeros((len(prompts), T), np.int32)
@@ -242,29 +281,67 @@ class Engine:
 
     def generate_batch(self, prompts, num_samples: int = 1, max_tokens: int | None = None, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                       use_tools: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+                       use_tools: bool = False, batch_size: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
         """Completions of one prompt (list of ids) or several, num_samples rows each, without the stop
-        token -> (tokens, masks); mask 0 marks forced tool output. On device unless use_tools."""
-        if use_tools:
-            n_rows = num_samples * len(_as_batch(prompts))
-            rows, masks, done = [[] for _ in range(n_rows)], [[] for _ in range(n_rows)], [False] * n_rows
-            for column, mask in self.generate(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed):
-                for i, (t, m) in enumerate(zip(column, mask)):
-                    done[i] = done[i] or (m == 1 and t in self.stop_ids)
-                    if not done[i]:
-                        rows[i].append(t)
-                        masks[i].append(m)
-            return rows, masks
+        token -> (tokens, masks); mask 0 marks forced tool output. All on device: with tools, the loop
+        stops when a row closes a calculator call, the host computes it and the loop resumes with the
+        result forced (as the streaming driver does, so both give the same rows for a seed).
+        batch_size: at most this many prompts per device batch. More prompts are sorted by length and
+        cut into chunks of exactly batch_size (the last padded), so a long eval compiles once per
+        prompt-length bucket; chunk c > 0 samples with fold_in(key(seed), c)."""
+        prompts = _as_batch(prompts)
+        if batch_size is None or len(prompts) <= batch_size:
+            return self._generate_chunk(prompts, num_samples, max_tokens, temperature, top_k, top_p,
+                                        jax.random.key(seed), use_tools)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        rows, masks = [None] * (len(prompts) * num_samples), [None] * (len(prompts) * num_samples)
+        for c, first in enumerate(range(0, len(order), batch_size)):
+            chunk = order[first:first + batch_size]
+            padded = [prompts[i] for i in chunk] + [prompts[chunk[-1]]] * (batch_size - len(chunk))
+            got, got_masks = self._generate_chunk(padded, num_samples, max_tokens, temperature, top_k, top_p,
+                                                  jax.random.fold_in(jax.random.key(seed), c), use_tools)
+            for j, i in enumerate(chunk):
+                for k in range(num_samples):
+                    rows[i * num_samples + k] = got[j * num_samples + k]
+                    masks[i * num_samples + k] = got_masks[j * num_samples + k]
+        return rows, masks
+
+    def _generate_chunk(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, key, use_tools):
         tokens, lengths, max_len, max_tokens = self._layout(prompts, num_samples, max_tokens, top_k, top_p)
-        out = np.asarray(generate_on_device(
-            self.params, self.cfg_unrolled, tokens, lengths, jax.random.key(seed), jnp.float32(temperature),
-            jnp.int32(max_tokens), top_k=top_k, top_p=top_p, max_len=max_len, copies=num_samples,
-            stop_ids=self.stop_ids, pad_id=self.bos))
-        rows = []
-        for row in out[:, :max_tokens].tolist():
-            stop = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
-            rows.append(row[:stop])
-        return rows, [[1] * len(r) for r in rows]
+        static = dict(top_k=top_k, top_p=top_p, stop_ids=self.stop_ids, pad_id=self.bos,
+                      tool_ids=(self.python_start, self.python_end) if use_tools else None)
+        temperature, max_tokens = jnp.float32(temperature), jnp.int32(max_tokens)
+        state = generate_on_device(self.params, self.cfg_unrolled, tokens, lengths, key, temperature, max_tokens,
+                                   max_len=max_len, copies=num_samples, **static)
+        queued = [[] for _ in range(len(prompts) * num_samples)]  # tool output still to force, per row
+        while use_tools and int(state["step"]) < int(max_tokens) and bool(np.any(state["call"])):
+            step, call, ptr = int(state["step"]), np.asarray(state["call"]), np.asarray(state["ptr"])
+            out = np.asarray(state["out"][:, :step])
+            for i in range(len(queued)):
+                queued[i] = queued[i][ptr[i]:]  # what the last loop forced is gone
+                if call[i]:
+                    queued[i] += self._calculator_output(out[i])
+            width = max(16, 1 << max(map(len, queued)).bit_length())  # a power of two > the longest: ends in -1
+            buf = np.full((len(queued), width), -1, np.int32)
+            for row, q in zip(buf, queued):
+                row[:len(q)] = q
+            state = resume_on_device(self.params, self.cfg_unrolled, state, buf, key, temperature, max_tokens,
+                                     prompt_len=tokens.shape[1], **static)
+        out, forced = np.asarray(state["out"][:, :int(max_tokens)]), np.asarray(state["forced"][:, :int(max_tokens)])
+        rows, masks = [], []
+        for toks, frc in zip(out.tolist(), forced.tolist()):
+            stop = next((i for i, (t, f) in enumerate(zip(toks, frc)) if t in self.stop_ids and not f), len(toks))
+            rows.append(toks[:stop])
+            masks.append([0 if f else 1 for f in frc[:stop]])
+        return rows, masks
+
+    def _calculator_output(self, row_tokens) -> list[int]:
+        """Tokens to force after a row's <|python_end|> (its last token): the result of the expression
+        since its last <|python_start|>, or nothing when the calculator refuses it."""
+        row = list(row_tokens)
+        start = len(row) - 1 - row[::-1].index(self.python_start)
+        result = calculate(self.tokenizer.decode(row[start + 1:-1]))
+        return [] if result is None else [self.output_start, *self.tokenizer.encode(result), self.output_end]
 
     def generate(self, prompts, num_samples: int = 1, max_tokens: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,

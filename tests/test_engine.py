@@ -334,3 +334,70 @@ def test_cli_end_to_end_through_a_saved_checkpoint(tmp_path):
     missing = run("--stage", "sft", "--step", "7", "-p", "hello")
     assert missing.returncode == 2 and "no checkpoint at step 7" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Tools on device, many prompts
+
+
+def streamed_rows(engine, prompts, **kw):
+    """(rows, masks) as the streaming driver yields them, each row cut before its stop token."""
+    n = len(E._as_batch(prompts)) * kw.get("num_samples", 1)
+    rows, masks, done = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
+    for column, mask in engine.generate(prompts, **kw):
+        for i, (t, m) in enumerate(zip(column, mask)):
+            done[i] = done[i] or (m == 1 and t in engine.stop_ids)
+            if not done[i]:
+                rows[i].append(t)
+                masks[i].append(m)
+    return rows, masks
+
+
+def test_tool_calls_on_device_equal_the_streaming_driver():
+    """Row 1 closes its call while row 0 is still forcing its 10-token result (the host keeps what is
+    left of row 0's buffer); a refused call forces nothing; a 19-character result outgrows the 16-wide buffer."""
+    C, D, F, G = (ord(c) for c in "CDFG")
+    table = script(C, D, F, A, PS, "12345*6789", PE, G, END)
+    table[OE] = G
+    eng = E.Engine(bigram_params(table), CFG, TOK)
+    before = E.TRACES.copy()
+    prompts = [[A], [C], [G]]
+    got = eng.generate_batch(prompts, max_tokens=40, temperature=0.0, use_tools=True)
+    want = streamed_rows(eng, prompts, max_tokens=40, temperature=0.0)
+    assert got == want
+    result = TOK.encode(str(12345 * 6789))
+    rows, masks = got
+    assert rows[0] == [PS, *TOK.encode("12345*6789"), PE, OS, *result, OE, G]
+    assert rows[1][:3] == [D, F, A] and rows[1][3:] == rows[0] and rows[2] == []
+    assert masks[0] == [1] * 12 + [0] * (len(result) + 2) + [1]
+    # two exits (steps 12 and 15), one resume compile: both buffers are 16 wide
+    assert E.TRACES["generate"] - before["generate"] == 1 and E.TRACES["resume"] - before["resume"] == 1
+
+    # the same shapes below (3 rows, 40 tokens): compiled already
+    long_table = script(A, PS, "1/7", PE, G, END)  # 0.14285714285714285: 21 forced tokens
+    long_table[OE] = END
+    for table, n_forced in ((long_table, 21), (script(A, PS, "os.getcwd()", PE, G, END), 0)):
+        eng = E.Engine(bigram_params(table), CFG, TOK)
+        rows, masks = eng.generate_batch([[A]] * 3, max_tokens=40, temperature=0.0, use_tools=True)
+        assert (rows, masks) == streamed_rows(eng, [[A]] * 3, max_tokens=40, temperature=0.0)
+        assert masks[0].count(0) == n_forced and rows[0][-1] == (OE if n_forced else G)
+    assert TOK.decode(rows[0]) == "os.getcwd()G"  # refused: nothing forced, generation goes on
+
+
+def test_tools_on_device_sample_like_the_streaming_driver(engine):
+    kw = dict(num_samples=2, max_tokens=24, temperature=1.0, top_k=50, seed=3)
+    assert engine.generate_batch([[7, 8, 9], [1] * 70], use_tools=True, **kw) == \
+        streamed_rows(engine, [[7, 8, 9], [1] * 70], **kw)
+
+
+def test_many_prompts_go_in_fixed_chunks_sorted_by_length(engine):
+    """40 prompts of 3..150 tokens in chunks of 8: one compile per prompt-length bucket (64, 128, 256),
+    and the same greedy rows as one batch of all 40, in the callers' order."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 256, n).tolist() for n in rng.integers(3, 150, 40)]
+    whole, _ = engine.generate_batch(prompts, max_tokens=6, temperature=0.0)
+    before = E.TRACES.copy()
+    chunked, masks = engine.generate_batch(prompts, max_tokens=6, temperature=0.0, batch_size=8, use_tools=True)
+    assert chunked == whole and masks == [[1] * len(r) for r in whole]
+    buckets = {min(256, max(64, 1 << (len(p) - 1).bit_length())) for p in prompts}
+    assert E.TRACES["generate"] - before["generate"] == len(buckets) == 3

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat_jax.config import UserError
-from nanochat_jax.tasks import Mixture, hub, load_mixture, load_task, synthetic
+from nanochat_jax.tasks import Mixture, check_mixture, hub, load_mixture, load_task, synthetic
 from nanochat_jax.tasks.gsm8k import GSM8K, final_answer
 from nanochat_jax.tasks.identity import Identity
 from nanochat_jax.tokenizer import Tokenizer
@@ -42,7 +42,8 @@ def _conv(i):
 # Rows in each dataset's upstream layout; None marks a row that must be skipped as bad.
 SMOL_TRAIN = [[{"content": "Be kind.", "role": "system"}] + _conv(0)] + [_conv(i) for i in range(1, 9)] + [
     [{"content": "x", "role": "assistant"}], None]
-MMLU_AUX = [{"question": f"aux {i}?", "subject": "", "choices": ["w", "x", "y", "z"], "answer": i % 4} for i in range(6)]
+MMLU_AUX = [{"question": f"aux {i}?", "subject": "", "choices": ["w", "x", "y", "z"], "answer": i % 4}
+            for i in range(6)]
 MMLU_AUX_BAD = [{"question": "bad?", "subject": "", "choices": ["a", "b"], "answer": 7}, None]
 GSM_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
               "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
@@ -119,12 +120,14 @@ def test_mmlu_prompts_exact(hub_dir):
     before = hub.BAD_ROWS["mmlu:auxiliary_train"]
     aux = load_task("mmlu", "auxiliary_train", data_dir=hub_dir)
     assert hub.BAD_ROWS["mmlu:auxiliary_train"] - before == 2
+    shuffled = [r for r in _shuffled(MMLU_AUX + MMLU_AUX_BAD) if r and r["answer"] < 4]
     assert [c["messages"][0]["content"].split("\n")[0] for c in aux] == [
-        f"Multiple Choice question: {r['question']}" for r in _shuffled(MMLU_AUX + MMLU_AUX_BAD) if r and r["answer"] < 4]
+        f"Multiple Choice question: {r['question']}" for r in shuffled]
     test = load_task("mmlu", "test", data_dir=hub_dir)
     assert test.eval_type == "categorical" and test[0] == {
         "messages": [{"role": "user", "content": "Multiple Choice question: What is H2O?\n- salt=A\n- water=B\n"
-                                                 "- air=C\n- gold=D\n\nRespond only with the letter of the correct answer."},
+                                                 "- air=C\n- gold=D\n\n"
+                                                 "Respond only with the letter of the correct answer."},
                      {"role": "assistant", "content": "B"}],
         "letters": ["A", "B", "C", "D"], "answer": "B", "subject": "chemistry"}
 
@@ -168,7 +171,8 @@ def test_final_answer_and_scoring_edge_cases():
                          {"role": "assistant", "content": [{"type": "text", "text": "#### 1,000"}]}]}
     score = GSM8K.score
     assert score(None, conv, "#### 1000") and score(None, conv, "#### 1,000 apples")
-    assert not score(None, conv, "1000") and not score(None, conv, "#### 1000.0") and not score(None, conv, "#### -1000")
+    assert not score(None, conv, "1000") and not score(None, conv, "#### 1000.0")
+    assert not score(None, conv, "#### -1000")
     assert not score(None, conv, "#### 999\n#### 1000")
 
 
@@ -194,19 +198,25 @@ def test_offline_and_bad_file_errors_are_one_line(tmp_path, monkeypatch, hub_ser
 def test_download_cli(hub_dir, hub_server, capsys):
     assert hub.main(["download", "gsm8k", "arc_easy", "--data-dir", str(hub_dir)]) == 0
     got = sorted(str(p.relative_to(hub_dir)) for p in hub_dir.rglob("*.parquet"))
-    assert got == sorted([f"allenai/ai2_arc/ARC-Easy/{s}-00000-of-00001.parquet" for s in ("train", "validation", "test")]
+    splits = ("train", "validation", "test")
+    assert got == sorted([f"allenai/ai2_arc/ARC-Easy/{s}-00000-of-00001.parquet" for s in splits]
                          + [f"openai/gsm8k/main/{s}-00000-of-00001.parquet" for s in ("train", "test")])
     hub_server.requests.clear()
     assert hub.main(["download", "gsm8k", "--data-dir", str(hub_dir)]) == 0 and hub_server.requests == []
     assert hub.main(["download", "nope"]) == 2 and "unknown task(s) nope" in capsys.readouterr().err
     assert hub.main(["download", "mmlu", "--data-dir", str(hub_dir)]) == 1  # dev/validation are not served
     assert "HTTP 404" in capsys.readouterr().err
-    # The module entry point, in a fresh process (which must not import jax).
+    # The module entry point, in a fresh process.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "nanochat_jax.tasks", "download", "arc_challenge", "--data-dir",
                         str(hub_dir)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(list((hub_dir / "allenai/ai2_arc/ARC-Challenge").glob("*.parquet"))) == 3
+    broken = hub_dir / "openai/gsm8k/main/test-00000-of-00001.parquet"
+    broken.write_bytes(broken.read_bytes()[:100])  # changed on disk after its verified download
+    with pytest.raises(UserError, match=f"gsm8k test: cannot read {broken} .*delete it"):
+        load_task("gsm8k", "test", data_dir=hub_dir)
+    # Importing and using every task module (bar humaneval, another helper's) does not import jax.
     code = ("import sys, nanochat_jax.tasks as t; [t.task_class(n) for n in t.TASKS if n != 'humaneval']; "
             "t.load_task('spelling_bee', limit=2)[0]; assert 'jax' not in sys.modules, 'jax imported'")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -214,6 +224,10 @@ def test_download_cli(hub_dir, hub_server, capsys):
 
 
 def test_registry_errors():
+    from nanochat_jax.config import base_config
+    for stage in ("mid", "sft"):  # the configured mixtures are well formed (checked without reading data)
+        check_mixture(base_config()[stage].mixture)
+        check_mixture(base_config()[stage].val_mixture)
     for call, match in [(lambda: load_task("nope"), "unknown task 'nope'; tasks are smoltalk, mmlu, .*arithmetic"),
                         (lambda: load_task("gsm8k", "validation"), "no split 'validation'; its splits are train, test"),
                         (lambda: load_task("mmlu"), "no split 'train'; its splits are auxiliary_train, dev"),
@@ -222,7 +236,8 @@ def test_registry_errors():
                         (lambda: load_mixture("arithmetic:train:x"), "N must be a positive integer"),
                         (lambda: load_mixture("arithmetic:train:5:9"), "name\\[:split\\[:N\\]\\]"),
                         (lambda: load_mixture("identity,,arithmetic"), "name\\[:split\\[:N\\]\\]"),
-                        (lambda: load_mixture("identity:test"), "task identity has no split 'test'")]:
+                        (lambda: load_mixture("identity:test"), "task identity has no split 'test'"),
+                        (lambda: check_mixture("identity,gsm8k:dev:5"), "task gsm8k has no split 'dev'")]:
         with pytest.raises(UserError, match=match):
             call()
 
@@ -253,8 +268,9 @@ def test_spelling_bee_and_simple_spelling():
         word, letter = parts[1]["text"].split("'")[1], parts[1]["text"].split("'")[3]
         assert word in user and f"{word}:{','.join(word)}" in parts[0]["text"]
         assert calculate(parts[1]["text"]) == parts[2]["text"] == str(word.count(letter))
-        assert final_answer(parts[3]["text"]) == str(word.count(letter)) and parts[3]["text"].endswith(f"#### {word.count(letter)}")
-        assert train.score(conv, f"#### {word.count(letter)}") and not train.score(conv, f"#### {word.count(letter) + 1}")
+        count = word.count(letter)
+        assert final_answer(parts[3]["text"]) == str(count) and parts[3]["text"].endswith(f"#### {count}")
+        assert train.score(conv, f"#### {count}") and not train.score(conv, f"#### {count + 1}")
         in_word += letter in word
     assert 0.8 < in_word / len(train) < 1  # a letter of the word 90% of the time
     assert len(synthetic.TEMPLATES) >= 45 and len({c["messages"][0]["content"][:8] for c in train}) > 40
@@ -283,7 +299,8 @@ def test_arithmetic():
     for conv in train:
         parts = conv["messages"][1]["content"]
         expr, out = parts[1]["text"], parts[2]["text"]
-        assert parts[1]["type"] == "python" and parts[2]["type"] == "python_output" and expr in conv["messages"][0]["content"]
+        assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+        assert expr in conv["messages"][0]["content"]
         assert all(1 <= int(n) <= 99 for n in expr.split()[::2]) and 2 <= len(expr.split()) // 2 + 1 <= 3
         assert out == str(eval(expr)) == calculate(expr) and parts[3]["text"].endswith(f"#### {out}")
         assert train.score(conv, f"#### {out}") and not train.score(conv, f"#### {int(out) + 1}")
@@ -302,3 +319,10 @@ def test_identity(tmp_path, tok):
     before = hub.BAD_ROWS["identity"]
     assert [c["messages"] for c in Identity(path=str(path))] == [good]
     assert hub.BAD_ROWS["identity"] - before == 3
+
+
+def test_bench_script_runs():
+    r = subprocess.run([sys.executable, str(ROOT / "bench/tasks.py"), "--rows", "400"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rows"] == 400

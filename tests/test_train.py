@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pipeline_runs
 import pytest
 
 from nanochat_jax import model as model_lib
@@ -17,7 +18,6 @@ from nanochat_jax import sharding, train
 from nanochat_jax.config import ConfigError, UserError, base_config
 from nanochat_jax.tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = "/usr/share/doc/python3.11/html/_sources"
 
 
@@ -136,37 +136,12 @@ def test_tokenizer_mismatch_is_refused(tmp_path, small_tokenizer):
 
 # ---- whole-pipeline fault tests: real processes, real Orbax, real SIGKILL ----
 
-PIPELINE_FLAGS = [
-    "--config=configs/tiny.py", "--config.model.depth=2", "--config.model.head_dim=32",
-    "--config.model.sequence_len=64", "--config.tokenizer.vocab_size=512", "--config.tokenizer.max_chars=300000",
-    "--config.train.device_batch_size=4", "--config.train.total_batch_size=512", "--config.train.num_iterations=24",
-    "--config.train.save_every=3", "--config.train.eval_every=12", "--config.train.eval_tokens=2048",
-    "--config.train.sample_every=1000", "--config.mesh.data=1",
-]
-
-
-def _pipeline(base_dir, data_dir, stages, **popen):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "run_pipeline.py", *PIPELINE_FLAGS, f"--base_dir={base_dir}",
-           f"--config.data.dir={data_dir}", f"--stages={stages}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def _metric_steps(base_dir):
-    path = os.path.join(base_dir, "logs", "base.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in (json.loads(line) for line in f if line.endswith("\n")) if "loss" in r]
-
 
 @pytest.fixture(scope="module")
 def tokenized_run(tmp_path_factory):
     """A base_dir whose tokenizer stage is done (shared by the fault tests)."""
     root = tmp_path_factory.mktemp("pipeline")
-    proc = _pipeline(root / "template", root / "data", "tokenizer")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    pipeline_runs.run(root / "template", root / "data", "tokenizer", timeout=300)
     return root
 
 
@@ -177,58 +152,33 @@ def _fresh_run(root, name):
 
 def test_sigkill_resume_reproduces_uninterrupted_losses(tokenized_run):
     ref_dir = _fresh_run(tokenized_run, "reference")
-    proc = _pipeline(ref_dir, tokenized_run / "data", "base")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    reference = {r["step"]: r["loss"] for r in _metric_steps(ref_dir)}
+    pipeline_runs.run(ref_dir, tokenized_run / "data", "base")
+    reference = {r["step"]: r["loss"] for r in pipeline_runs.metric_steps(ref_dir)}
     assert sorted(reference) == list(range(1, 25))
-
     run_dir = _fresh_run(tokenized_run, "killed")
-    rng, kills = random.Random(1234), 0
-    for attempt in range(20):
-        proc = _pipeline(run_dir, tokenized_run / "data", "base")
-        seen = len(_metric_steps(run_dir))
-        deadline = time.time() + 300
-        while proc.poll() is None and len(_metric_steps(run_dir)) <= seen and time.time() < deadline:
-            time.sleep(0.05)  # wait until this process trains (past imports and compile)
-        if proc.poll() is not None:
-            break
-        # then kill at a random moment (mid-step, mid-save, anywhere) within a few steps (~0.1 s each here),
-        # so that at least five kills land before the 24 steps are done
-        time.sleep(rng.uniform(0.0, 0.4))
-        proc.kill()
-        proc.wait()
-        kills += 1
-        if kills >= 5 and len(_metric_steps(run_dir)) >= 18:
-            proc = _pipeline(run_dir, tokenized_run / "data", "base")  # let the last one finish
-            proc.communicate(timeout=600)
-            break
-    assert proc.returncode == 0, proc.stdout.read() if proc.stdout else ""
-    assert kills >= 5
-    resumed = _metric_steps(run_dir)
+    assert pipeline_runs.kill_until_done(run_dir, tokenized_run / "data", "base", random.Random(1234)) >= 5
+    resumed = pipeline_runs.metric_steps(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, 25)), "every step logged exactly once"
     assert {r["step"]: r["loss"] for r in resumed} == reference  # bit-identical losses after every resume
 
 
 def test_sigterm_saves_then_rerun_resumes(tokenized_run):
     run_dir = _fresh_run(tokenized_run, "sigterm")
-    proc = _pipeline(run_dir, tokenized_run / "data", "base")
-    while proc.poll() is None and len(_metric_steps(run_dir)) < 4:
+    proc = pipeline_runs.start(run_dir, tokenized_run / "data", "base")
+    while proc.poll() is None and len(pipeline_runs.metric_steps(run_dir)) < 4:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "checkpoint saved" in out
-    stopped_at = len(_metric_steps(run_dir))
+    stopped_at = len(pipeline_runs.metric_steps(run_dir))
     ckpt_dir = run_dir / "checkpoints" / "base" / "tiny"
     assert str(stopped_at) in os.listdir(ckpt_dir), (stopped_at, os.listdir(ckpt_dir))
-    proc = _pipeline(run_dir, tokenized_run / "data", "base")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
+    out = pipeline_runs.run(run_dir, tokenized_run / "data", "base")
     assert f"resumed from step {stopped_at}" in out
-    assert [r["step"] for r in _metric_steps(run_dir)] == list(range(1, 25))
+    assert [r["step"] for r in pipeline_runs.metric_steps(run_dir)] == list(range(1, 25))
     # a third run finds the stage complete and skips it
-    out, _ = _pipeline(run_dir, tokenized_run / "data", "base").communicate(timeout=300)
+    out = pipeline_runs.run(run_dir, tokenized_run / "data", "base", timeout=300)
     assert "skipped (complete)" in out
 
 

@@ -11,11 +11,12 @@ stays light (no jax). Datasets: `python -m nanochat_jax.tasks download [TASK ...
 from __future__ import annotations
 
 import importlib
+import os
 
 from nanochat_jax.config import UserError
 from nanochat_jax.tasks.base import Mixture, Task, TaskSequence
 
-__all__ = ["Mixture", "Task", "TaskSequence", "TASKS", "load_task", "load_mixture", "parse_mixture"]
+__all__ = ["Mixture", "Task", "TaskSequence", "TASKS", "tasks_dir", "load_task", "load_mixture", "check_mixture", "parse_mixture"]
 
 TASKS = {  # name -> (module, class)
     "smoltalk": ("nanochat_jax.tasks.smoltalk", "SmolTalk"),
@@ -31,6 +32,11 @@ TASKS = {  # name -> (module, class)
 }
 
 
+def tasks_dir(config) -> str:
+    """Where a run's task datasets live: <config.data.dir>/tasks."""
+    return os.path.join(os.path.expanduser(config.data.dir), "tasks")
+
+
 def task_class(name: str) -> type:
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}")
@@ -38,14 +44,19 @@ def task_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_task(name: str, split: str = "train", limit: int | None = None, data_dir=None) -> Task:
+def checked_class(name: str, split: str = "train", limit: int | None = None) -> type:
+    """The task's class, after checking the split and N (no data is read)."""
     cls = task_class(name)
     splits = getattr(cls, "splits", None)
     if splits is not None and split not in splits:
         raise UserError(f"task {name} has no split {split!r}; its splits are {', '.join(splits)}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise UserError(f"task {name}: N must be a positive integer, got {limit!r}")
-    return cls(split, limit, data_dir)
+    return cls
+
+
+def load_task(name: str, split: str = "train", limit: int | None = None, data_dir=None) -> Task:
+    return checked_class(name, split, limit)(split, limit, data_dir)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, str, int | None]]:
@@ -60,6 +71,13 @@ def parse_mixture(spec: str) -> list[tuple[str, str, int | None]]:
             raise UserError(f"mixture entry {item.strip()!r}: N must be a positive integer, got {n!r}")
         entries.append((name, split, int(n) if n is not None else None))
     return entries
+
+
+def check_mixture(spec: str) -> None:
+    """UserError unless every entry of `spec` names a task, one of its splits and a valid N (for
+    config validation: fails before any data is read)."""
+    for entry in parse_mixture(spec):
+        checked_class(*entry)
 
 
 def load_mixture(spec: str, data_dir=None) -> list[Task]:

@@ -99,12 +99,18 @@ def read_table(task: str, split: str, data_dir=None) -> pa.Table:
     """The split's rows (its files concatenated), fetching missing files; offline: one-line UserError."""
     try:
         paths = fetch(task, split, data_dir, retries=2, backoff=0.5)
-    except download.DownloadError as e:
+    except (download.DownloadError, OSError) as e:
         reason = (str(e).splitlines() or [""])[0]
         raise UserError(f"{task} {split}: data not in {data_dir_path(data_dir)} and the download failed ({reason}); "
                         f"run `python -m nanochat_jax.tasks download {task}` where there is network") from None
-    columns = list(FILES[task, split][2])
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pq.read_table(path, columns=list(FILES[task, split][2])))
+        except (pa.ArrowException, OSError) as e:  # it was verified when fetched, so it changed since
+            raise UserError(f"{task} {split}: cannot read {path} ({(str(e).splitlines() or [''])[0]}); delete it "
+                            f"and run `python -m nanochat_jax.tasks download {task}`") from None
+    return pa.concat_tables(tables)
 
 
 class HubTask(Task):

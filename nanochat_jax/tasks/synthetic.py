@@ -92,7 +92,7 @@ class SpellingBee(FinalAnswerTask, SyntheticTask):
         template = rng.choice(TEMPLATES)
         template = template.lower() if rng.random() < 0.3 else template
         quote_letter, quote_word = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
-        question = template.format(letter=f"{quote_letter}{letter}{quote_letter}", word=f"{quote_word}{word}{quote_word}")
+        question = template.format(letter=quote_letter + letter + quote_letter, word=quote_word + word + quote_word)
         steps, count = [], 0
         for i, c in enumerate(word, 1):
             count += c == letter
