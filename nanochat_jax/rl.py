@@ -40,7 +40,7 @@ from nanochat_jax import checkpoint as ckpt_lib
 from nanochat_jax import model as model_lib
 from nanochat_jax.config import UserError
 from nanochat_jax.engine import CACHE_LEN_MULTIPLE, Engine, _round_up
-from nanochat_jax.tasks import load_task
+from nanochat_jax.tasks import load_task, tasks_dir
 from nanochat_jax.tasks.gsm8k import final_answer
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def run_stage(config, stage: str = "rl") -> dict:
     if r.max_prompt_tokens + r.max_new_tokens > model_cfg.sequence_len:
         raise UserError(f"config.rl.max_prompt_tokens + max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens} "
                         f"must fit the SFT model's sequence_len={model_cfg.sequence_len}")
-    data_dir = chat_train._data_dir(config)
+    data_dir = tasks_dir(config)
     task = load_task(r.task, "train", limit=r.train_examples if r.train_examples > 0 else None, data_dir=data_dir)
     if getattr(task, "eval_type", None) != "generative":
         raise UserError(f"config.rl.task={r.task!r} is not a generative task: it has no answer to reward")
