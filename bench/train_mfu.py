@@ -4,6 +4,7 @@
     python bench/train_mfu.py --cases d20:32 --remat none,dots_with_no_batch_dims_saveable
     python bench/train_mfu.py --cases d2:2 --seq 128 --vocab 512 --steps 3   # CPU smoke run
     python bench/train_mfu.py --cases d20:32 --mesh 1x1,4x1,1x4              # 1 GPU, then 4: data x fsdp
+    python bench/train_mfu.py --cases d20:32,d26:16 --code /tmp/before,. --repeat 2   # two checkouts, interleaved
 
 Each case runs in its own process (so peak memory is that case's alone): it builds the step with
 train.py's own `build_step` (optimiser, shardings, state donated), compiles it ahead of time, runs 3
@@ -11,7 +12,9 @@ warm-up steps, then times --steps steps, each from the previous step's end to it
 is queued first, as the training loop does; --sync blocks on each step before queueing the next).
 MFU = FLOPs/token (SPEC §4) x tokens/s / 989e12 (H100/H200 dense bf16) per device: with --mesh DATAxFSDP the
 device batch is per device, tokens/s counts every device's rows, and peak memory is the largest device's.
-A table is printed last.
+With --code, each case runs once per checkout (its nanochat_jax imported from that directory), the
+checkouts interleaved and the whole round repeated --repeat times, so a before/after comparison shares one
+machine and its drift, and the spread of the repeats is the noise to compare against. A table is printed last.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def run_case(case: dict) -> dict:
     import jax
     import numpy as np
 
+    import nanochat_jax
     from nanochat_jax import checkpoint, sharding, train
     from nanochat_jax import model as model_lib
     from nanochat_jax.config import base_config
@@ -98,6 +102,7 @@ def run_case(case: dict) -> dict:
                 mfu=flops_tok * tokens / dt / (train.PEAK_FLOPS["H100"] * n_dev),
                 peak_gib=peak / 2**30,
                 compile_s=compile_s, loss=loss, device=jax.devices()[0].device_kind,
+                source=os.path.dirname(os.path.dirname(os.path.abspath(nanochat_jax.__file__))),
                 n_params=model_lib.param_counts(model_cfg)["total"], flops_per_token=flops_tok)
 
 
@@ -120,13 +125,17 @@ def main():
     ap.add_argument("--profile", default=None, help="trace two extra steps of each case into DIR/<case>")
     ap.add_argument("--compile-cache", default=None, help="use DIR/xla_cache as a run does (a second run loads "
                                                           "the compiled step: compare the compile column)")
+    ap.add_argument("--code", default=None, help="comma-separated checkouts whose nanochat_jax each case runs with "
+                                                 "(default: the one this script is in)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over the cases x checkouts")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args()
     if args.case:
         print("RESULT " + json.dumps(run_case(json.loads(args.case))), flush=True)
         return
     rows = []
-    for spec in args.cases.split(","):
+    codes = [os.path.abspath(d) for d in args.code.split(",")] if args.code else [None]
+    for _, spec, code in itertools.product(range(args.repeat), args.cases.split(","), codes):
         depth, batch = spec.lstrip("d").split(":")
         for mesh, remat, chunk, variant in itertools.product(args.mesh.split(","), args.remat.split(","),
                                                              args.loss_chunk.split(","), args.set.split("|")):
@@ -137,8 +146,10 @@ def main():
                         compile_cache=args.compile_cache)
             if args.profile:
                 case["profile"] = f"{args.profile}/d{depth}_{batch}_{mesh}_{remat}_{chunk}_{len(rows)}"
+            case["code"] = os.path.basename(code) if code else ""
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")])))
             proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
-                                  text=True)
+                                  text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if lines:
                 rows.append(json.loads(lines[-1][7:]))
@@ -149,12 +160,12 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"\n{'case':<8}{'mesh':>5} {'remat / overrides':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}"
+    print(f"\n{'code':<10}{'case':<8}{'mesh':>5} {'remat / overrides':<34}{'chunk':>6}{'step ms':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>9}"
           f"{'compile s':>10}")
     for r in rows:
         name = ";".join([r["remat"]] + [kv.split(".")[-1] for kv in r["set"]])
         mesh = "x".join(map(str, r["mesh"]))
-        head = f"d{r['depth']}:{r['batch']:<5}{mesh:>5} {name[:33]:<34}{r['loss_chunk']:>6}"
+        head = f"{r.get('code', '')[:9]:<10}d{r['depth']}:{r['batch']:<5}{mesh:>5} {name[:33]:<34}{r['loss_chunk']:>6}"
         if "error" in r:
             print(head + "  failed: " + r["error"][:60])
         else:

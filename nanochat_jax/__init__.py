@@ -1,4 +1,22 @@
-"""nanochat in JAX/Flax."""
+"""nanochat in JAX/Flax.
+
+Array names end in their shape, one letter an axis (x_BxTxD: rows x positions x d_model), each letter with
+one meaning across the package:
+
+    A  micro-batches of a training step        L  layers
+    B  rows (sequences) of a batch             D  d_model
+    T  positions of a row                      F  the MLP's width, 4 D
+    S  slots of the KV cache                   V  vocabulary
+    R  rows of a matrix the kernels flatten (B T, or any rows)
+    H  query heads                             E  head dim
+    G  kv heads (GQA groups of query heads)    P  RoPE's rotation pairs, E / 2
+    N  the heads of the fused qkv GEMM output, H + 2 G
+    M, K  a matrix's rows and columns (Muon's, M <= K; K is also a GEMM's contracted axis)
+    C  a GEMM's output columns
+
+"Kernel" means a hand-written GPU program (nanochat_jax/kernels/); layer matrices are weights, whose
+leaves Flax names 'kernel' in the params tree.
+"""
 
 
 def __getattr__(name):

@@ -15,13 +15,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental.compilation_cache import compilation_cache
 
+from nanochat_jax import paths
 from nanochat_jax.config import UserError
 
 ITEMS = ("params", "opt_state", "train", "meta")
 
 
-def checkpoint_dir(base_dir: str, stage: str, run_name: str) -> str:
-    return os.path.abspath(os.path.join(base_dir, "checkpoints", stage, run_name))
+checkpoint_dir = paths.checkpoint_dir  # callers import it from here
 
 
 class Checkpointer:
@@ -106,7 +106,7 @@ def restore_model(base_dir: str, stage: str, run_name: str | None = None, step: 
     """
     from nanochat_jax import model as model_lib  # imported here: inference-only callers pay for it
 
-    stage_dir = os.path.join(base_dir, "checkpoints", stage)
+    stage_dir = paths.checkpoint_dir(base_dir, stage)
     runs = sorted(os.listdir(stage_dir)) if os.path.isdir(stage_dir) else []
     if run_name is None:
         if len(runs) != 1:

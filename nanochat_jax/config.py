@@ -6,8 +6,6 @@ value raises ConfigError naming the key, which the entry points print without a 
 """
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 
@@ -38,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.sequence_len = 2048
     c.model.compute_dtype = "auto"  # auto | bfloat16 | float32 (auto: bf16 on GPUs with cc >= 8.0)
     c.model.attention = "auto"  # auto | cudnn | xla (auto: cudnn on GPU, xla elsewhere)
-    c.model.kernels = "auto"  # auto | pallas | xla: the hand-written GPU kernels (README) or XLA (auto: on GPU)
+    c.model.kernels = "auto"  # auto | pallas | xla: the GPU kernels of nanochat_jax/kernels/ (auto: each where it runs)
     # remat/residual/scan: the fastest d20 setting measured on an H100 at device batch 32 (bench/NOTES.md)
     c.model.remat = "dots_with_no_batch_dims_saveable"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     c.model.loss_chunk = 256  # >0: cross-entropy over chunks of this many positions x all rows (never full fp32 logits)
@@ -208,13 +206,8 @@ STAGES = {
 }
 KNOWN_STAGES = tuple(STAGES)
 
-_CHOICES = {
-    "model.compute_dtype": ("auto", "bfloat16", "float32"),
-    "model.attention": ("auto", "cudnn", "xla"),
-    "model.kernels": ("auto", "pallas", "xla"),
-    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+_CHOICES = {  # (config.model's choices are checked by the model's own config classes: see validate)
     "data.source": ("fineweb", "embedded"),
-    "model.residual_dtype": ("float32", "compute"),
     "mid.supervise": ("all", "assistant"),
 }
 _TRAINING_SECTIONS = ("train", "mid", "sft", "rl")  # sections train.train_loop reads: the same checks for each
@@ -230,7 +223,7 @@ _POSITIVE = (
 _FRACTIONS = tuple(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
     "warmup_ratio", "warmdown_ratio", "final_lr_frac", "adam_b1", "adam_b2", "muon_momentum_start",
     "muon_momentum_end"))
-_NON_NEGATIVE = ("model.n_kv_head", "model.loss_chunk", "sft.mc_eval_problems",
+_NON_NEGATIVE = ("sft.mc_eval_problems",
                  *(f"{s}.{k}" for s in _TRAINING_SECTIONS for k in (
                      "weight_decay", "grad_clip", "muon_momentum_warmup_steps")))
 _POSITIVE += ("chat.top_k", "chat.max_tokens", "chat.max_top_k", "chat.max_max_tokens", "chat.max_messages",
@@ -273,15 +266,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in _NON_NEGATIVE:
         if _get(c, key) < 0:
             raise ConfigError(f"config.{key} must be >= 0, got {_get(c, key)!r}")
-    m = c.model
-    n_head = max(1, math.ceil(m.aspect_ratio * m.depth / m.head_dim))
-    if m.n_kv_head and (m.n_kv_head > n_head or n_head % m.n_kv_head):
-        raise ConfigError(f"config.model.n_kv_head={m.n_kv_head} must divide n_head={n_head}")
-    if m.head_dim % 2:
-        raise ConfigError(f"config.model.head_dim must be even (RoPE rotates halves), got {m.head_dim}")
-    if not 256 + 9 <= c.tokenizer.vocab_size <= MAX_VOCAB_SIZE:
-        raise ConfigError(f"config.tokenizer.vocab_size must be in [265, {MAX_VOCAB_SIZE}] (256 bytes + 9 special "
-                          f"tokens at least; int32 ids), got {c.tokenizer.vocab_size}")
+    from nanochat_jax import model, tokenizer  # their own checks (imported here: model imports jax)
+    model.parts_of(c)  # the shape (head count, kv heads, head_dim) and the options, 'auto' left unresolved
+    problem = tokenizer.vocab_size_problem(c.tokenizer.vocab_size)
+    if problem:
+        raise ConfigError(f"config.tokenizer.vocab_size {problem}")
     for s in _TRAINING_SECTIONS:
         if c[s].warmup_ratio + c[s].warmdown_ratio > 1.0:
             raise ConfigError(f"config.{s}.warmup_ratio + config.{s}.warmdown_ratio must be <= 1")

@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from nanochat_jax import model as model_lib
+from nanochat_jax import paths
 from nanochat_jax.tools import calculate
 
 CACHE_BATCH_AXIS = 1  # model.init_cache layout: (L, B, 2, Hkv, S, head_dim)
@@ -429,7 +430,7 @@ def load_model(stage: str, step: int | None = None, base_dir: str | None = None,
     use_compile_cache(base_dir)
     params, config, meta = restore_model(base_dir, stage, run_name=run_name, step=step)
     from nanochat_jax.tokenizer import Tokenizer  # after the restore: a missing checkpoint is the likelier error
-    tokenizer_dir = os.path.join(base_dir, "tokenizer")
+    tokenizer_dir = paths.tokenizer_dir(base_dir)
     if not os.path.isdir(tokenizer_dir):
         raise UserError(f"no tokenizer in {os.path.abspath(tokenizer_dir)}")
     tokenizer = Tokenizer.load(tokenizer_dir)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from nanochat_jax import sharding
-from nanochat_jax.sym_matmul import gram, symmetric_square
+from nanochat_jax.kernels.sym_matmul import gram, symmetric_square
 
 # Quintic Newton-Schulz coefficients (Keller Jordan's Muon): they maximise the slope at 0, so five
 # steps push the singular values of a Gaussian matrix into about [0.57, 1.19], not exactly to 1.
@@ -33,21 +33,21 @@ def _add_to_diagonal(m, value):
     return m.at[..., i, i].add(jnp.asarray(value, m.dtype))
 
 
-# x x^T and Y Y for Y = x x^T + beta I are symmetric bitwise: on a Hopper sym_matmul computes only their upper
-# triangle (d26: 58% of their multiply-adds). The Gram iteration's later products are symmetric only in exact
+# x x^T and Y Y for Y = x x^T + beta I are symmetric bitwise: on a Hopper kernels/sym_matmul.py computes only
+# their upper triangle (d26: 58% of their multiply-adds). The Gram iteration's later products are symmetric only in exact
 # arithmetic: with their mirrored upper triangles (and Y Y^T for Y Y) the bf16 iteration diverged on decaying
 # spectra (128 x 512, 1/k singular values: 6e4 from float64), so XLA computes all of them.
 
 
-def _ns_polynomial(A, exactly_symmetric=True):
+def _ns_polynomial(A, kernels, exactly_symmetric=True):
     """a I + b A + c A^2 with the square completed: c (A + beta I)^2 + gamma I. The identity terms are
     then diagonal updates of GEMM outputs that nothing else reads, done in place (the b I + c A operand
-    and the a I + ... sum were two passes over each (m, m) matrix): d26 Muon 64.2 -> 57.5 ms on an H100.
-    It also rounds better in bf16: 0.022 from fp32 NS where the plain form is 0.029. exactly_symmetric:
-    A is a scaled x x^T (symmetric bitwise), so Y Y may use sym_matmul's kernel."""
+    and the a I + ... sum were two passes over each (m, m) matrix); it also rounds better in bf16 (0.022
+    from fp32 NS where the plain form is 0.029). exactly_symmetric:
+    A is a scaled x x^T (symmetric bitwise), so Y Y may use sym_matmul's kernel; `kernels`: the switch."""
     a, b, c = NS_COEFFS
     Y = _add_to_diagonal(A, b / (2 * c))
-    square = symmetric_square(Y) if exactly_symmetric else Y @ Y
+    square = symmetric_square(Y, kernels) if exactly_symmetric else Y @ Y
     return _add_to_diagonal(c * square, a - b * b / (4 * c))
 
 
@@ -64,7 +64,7 @@ def _scaled(m, scale, power=1):
     return m if scale is None else m * (scale ** power).astype(m.dtype)
 
 
-def _newton_schulz_gram(x, steps, inv_norm):
+def _newton_schulz_gram(x, steps, inv_norm, kernels):
     """The same iterates as x <- P(x x^T) x, carried on the (m, m) Gram matrix (Dao lab's Gram
     Newton-Schulz): x_k = Q_k x with Q_{k+1} = P_k Q_k and A_{k+1} = P_k A_k P_k, so the wide (m, n)
     matrix is only read to form A and written once per segment. For 5 steps: 14 m^3 + 4 m^2 n
@@ -72,9 +72,9 @@ def _newton_schulz_gram(x, steps, inv_norm):
     `x` is not normalised: x / |x| = inv_norm x enters as A_0 = inv_norm^2 x x^T and Q_0 = inv_norm P_0."""
     for start in range(0, steps, GRAM_SEGMENT):
         seg = min(GRAM_SEGMENT, steps - start)
-        A, Q = _scaled(gram(x), inv_norm, 2), None
+        A, Q = _scaled(gram(x, kernels), inv_norm, 2), None
         for k in range(seg):
-            P = _ns_polynomial(A, exactly_symmetric=k == 0)
+            P = _ns_polynomial(A, kernels, exactly_symmetric=k == 0)
             Q = _scaled(P, inv_norm) if Q is None else P @ Q
             if k + 1 < seg:
                 A = P @ (A @ P)
@@ -82,12 +82,13 @@ def _newton_schulz_gram(x, steps, inv_norm):
     return x
 
 
-def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
+def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16, kernels="auto"):
     """Approximate U V^T of each matrix in the last two axes of `g`, iterated in `dtype`.
 
     The first step takes x / |x| (spectral norm <= 1) as x x^T / |x|^2 and P_0 / |x|, two (m, m)
     scalings, so that x / |x| itself is never written: in the optimiser the cast of the Nesterov
-    update to `dtype` then fuses into the momentum's pass (a pass over every weight less)."""
+    update to `dtype` then fuses into the momentum's pass (a pass over every weight less). `kernels`: the
+    model's switch (ModelConfig.kernels), which governs sym_matmul's kernel."""
     if ns_steps < 1:
         raise ValueError(f"orthogonalize: ns_steps must be >= 1, got {ns_steps}")
     x = g.astype(dtype)
@@ -95,14 +96,14 @@ def orthogonalize(g, ns_steps=5, eps=1e-7, dtype=jnp.bfloat16):
     if not wide:  # iterate on X X^T of the smaller side: cheaper, and the same result transposed
         x = jnp.swapaxes(x, -1, -2)
     # The barrier keeps the norm's reduction out of the pass that writes x: fused with it (a
-    # multi-output reduction), that pass ran at half the memory speed (d26: 8.1 ms; apart: 4.2 + 0.6).
+    # multi-output reduction), that pass ran at half the memory speed.
     sq = jnp.sum(jnp.square(jax.lax.optimization_barrier(x).astype(jnp.float32)), axis=(-2, -1), keepdims=True)
     inv_norm = 1 / (jnp.sqrt(sq) + eps)
     if x.shape[-1] > 1.5 * x.shape[-2]:  # where the Gram form takes fewer FLOPs (see its docstring)
-        x = _newton_schulz_gram(x, ns_steps, inv_norm)
+        x = _newton_schulz_gram(x, ns_steps, inv_norm, kernels)
     else:
         for _ in range(ns_steps):
-            x, inv_norm = _scaled(_ns_polynomial(_scaled(gram(x), inv_norm, 2)), inv_norm) @ x, None
+            x, inv_norm = _scaled(_ns_polynomial(_scaled(gram(x, kernels), inv_norm, 2), kernels), inv_norm) @ x, None
     return x if wide else jnp.swapaxes(x, -1, -2)
 
 
@@ -113,10 +114,11 @@ def shape_scale(shape):
 
 
 def muon(learning_rate, momentum, nesterov=True, ns_steps=5, eps=1e-7,
-         ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+         ns_dtype=jnp.bfloat16, kernels="auto") -> optax.GradientTransformation:
     """Muon as an optax transform; `learning_rate` and `momentum` are floats or schedules of the step.
     `ns_dtype`: bf16 as SPEC §4 (on GPUs); fp32 where the model computes in fp32 (CPU, T4), where bf16
     matmuls are slow and would also make results depend on how the stack is split over devices.
+    `kernels`: the model's switch (auto | pallas | xla), for Newton-Schulz's symmetric products.
 
     Per parameter: buf <- lerp(buf, g, 1 - mu); g <- lerp(g, buf, mu) (Nesterov) or buf;
     update = -lr * max(1, out/in)^0.5 * NS5(g).
@@ -140,7 +142,7 @@ def muon(learning_rate, momentum, nesterov=True, ns_steps=5, eps=1e-7,
 
         def one(g, buf):
             g = (1 - mu) * g + mu * buf if nesterov else buf  # lerp(g, buf, mu)
-            update = sharding.split_layers(lambda x: orthogonalize(x, ns_steps, eps, ns_dtype), g)
+            update = sharding.split_layers(lambda x: orthogonalize(x, ns_steps, eps, ns_dtype, kernels), g)
             return -lr * shape_scale(g.shape) * update.astype(buf.dtype)
 
         new_updates = jax.tree.map(one, updates, buffers)

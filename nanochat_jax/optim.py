@@ -74,7 +74,8 @@ def build_optimizer(train_cfg, model_cfg, num_iterations) -> optax.GradientTrans
 
     groups = optax.multi_transform(
         {
-            "muon": muon(schedule(t.matrix_lr), lambda step: muon_momentum(step, t), ns_dtype=model_cfg.dtype),
+            "muon": muon(schedule(t.matrix_lr), lambda step: muon_momentum(step, t), ns_dtype=model_cfg.dtype,
+                         kernels=model_cfg.kernels),
             "embedding": adamw(t.embedding_lr),
             "unembedding": adamw(t.unembedding_lr),
         },

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tiktoken
 
-from nanochat_jax import _rustbpe
+from nanochat_jax import _rustbpe, paths, texts
 from nanochat_jax.config import MAX_VOCAB_SIZE, UserError
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
 SPLIT_PATTERN = _rustbpe.SPLIT_PATTERN  # one definition, in tokenizer_rs/src/split.rs
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 RANKS_FILE, META_FILE = "tokenizer.tiktoken", "tokenizer.json"
+
+
+def vocab_size_problem(vocab_size: int) -> str | None:
+    """What is wrong with a vocabulary size (the tokenizer's and config.validate's one check), or None."""
+    if MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        return None
+    return (f"must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 bytes + {len(SPECIAL_TOKENS)} special tokens "
+            f"at least; int32 ids), got {vocab_size}")
 
 
 class Tokenizer:
@@ -62,9 +70,9 @@ class Tokenizer:
         """Train on a stream of documents (str, or bytes decoded as UTF-8 with invalid sequences replaced)."""
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be an iterable of documents, not a single str/bytes")
-        if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-            raise ValueError(f"vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 bytes + "
-                             f"{len(SPECIAL_TOKENS)} special tokens at least; int32 ids), got {vocab_size}")
+        problem = vocab_size_problem(vocab_size)
+        if problem:
+            raise ValueError(f"vocab_size {problem}")
         ranks, stats = _rustbpe.train(iter(texts), vocab_size - len(SPECIAL_TOKENS))
         if stats["replaced"]:
             log.warning("tokenizer training text: %d invalid UTF-8 sequence(s) replaced by U+FFFD", stats["replaced"])
@@ -222,7 +230,7 @@ def _chat_messages(conversation: dict) -> list[dict]:
 # --- pipeline stage -------------------------------------------------------------------------------
 
 def tokenizer_dir(config) -> str:
-    return os.path.join(os.path.expanduser(config.base_dir), "tokenizer")
+    return paths.tokenizer_dir(config.base_dir)
 
 
 def stage_done(config, stage: str = "tokenizer") -> bool:
@@ -271,31 +279,6 @@ def run_stage(config, stage: str = "tokenizer") -> dict:
 
 # --- CLI ------------------------------------------------------------------------------------------
 
-TEXT_SUFFIXES = (".txt", ".rst")
-
-
-def iter_dir_texts(root: Path, max_chars: int | None = None, doc_cap: int | None = None) -> Iterable[str]:
-    """Documents of every .txt / .rst (one document per file) and .parquet (column `text`) file under
-    `root`, in sorted order. Invalid UTF-8 in text files is kept as surrogate escapes, which the
-    trainer replaces and counts."""
-    from nanochat_jax import data
-
-    total = 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.suffix in TEXT_SUFFIXES:
-            docs = [path.read_bytes().decode("utf-8", errors="surrogateescape")]
-        elif path.suffix == ".parquet":
-            docs = data.iter_texts([path])
-        else:
-            continue
-        for doc in docs:
-            doc = doc[:doc_cap] if doc_cap else doc
-            yield doc
-            total += len(doc)
-            if max_chars is not None and total >= max_chars:
-                return
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nanochat_jax.tokenizer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,10 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.input.is_dir():
             raise UserError(f"--input {args.input}: not a directory")
-        if not any(p.suffix in TEXT_SUFFIXES + (".parquet",) for p in args.input.rglob("*")):
+        if not any(p.suffix in texts.TEXT_SUFFIXES + (".parquet",) for p in args.input.rglob("*")):
             raise UserError(f"--input {args.input}: no .txt, .rst or .parquet files in it")
         t0 = time.time()
-        tok = Tokenizer.train(iter_dir_texts(args.input, args.max_chars, args.doc_cap), args.vocab_size)
+        tok = Tokenizer.train(texts.iter_texts([args.input], args.max_chars, args.doc_cap), args.vocab_size)
         tok.save(args.out)
     except (UserError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

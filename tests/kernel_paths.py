@@ -41,7 +41,7 @@ def mesh_train_step(cfg, fsdp, rows_per_device, seq):
     for kernel in KERNELS:
         step, init_fn, _, _, batch_sh = train.build_step(dataclasses.replace(cfg, kernels=kernel), c.train, 10, mesh)
         params, opt_state = init_fn(jax.random.key(0))
-        batch = jax.device_put(rows, batch_sh)
+        batch = {k: jax.device_put(v[None], batch_sh) for k, v in train.rows_batch(rows[0]).items()}
         jaxpr = jax.make_jaxpr(step)(params, opt_state, batch).jaxpr
         before = jax.tree.map(np.asarray, params)  # (the step donates params)
         with jax.default_matmul_precision("highest"):  # fp32 GEMMs on a GPU would otherwise round to TF32

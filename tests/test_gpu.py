@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import kernel_paths
-from nanochat_jax import fused_matmul
+from nanochat_jax import kernels
 from nanochat_jax import model as M
+from nanochat_jax.kernels import relu2_mlp, sym_matmul
 
 pytestmark = pytest.mark.skipif(jax.devices()[0].platform != "gpu",
                                 reason="cuDNN attention needs a CUDA GPU; this machine has none")
@@ -77,7 +78,7 @@ def test_bf16_generation_path_matches_the_training_forward():
     assert err < 2e-2
 
 
-hopper = pytest.mark.skipif(not fused_matmul.on_hopper(),
+hopper = pytest.mark.skipif(not kernels.available("mosaic"),
                             reason="the fused matmul kernels use Hopper's wgmma: they need a Hopper GPU (H100/H200), "
                                    "and this machine has none")
 
@@ -102,17 +103,17 @@ def _fused_up_calls(jaxpr, rows, d_in, d_out):
 def test_fused_matmuls_match_xla(m, k, n):
     """Both kernels against fp32 references: relu(x @ w)², and (g @ w) 2 sqrt(a) with a = relu(u)² of
     some u (zeros included)."""
-    assert fused_matmul.supported(m, k, n, jnp.bfloat16)
+    assert relu2_mlp.supported(m, k, n, jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
     w = (jax.random.normal(jax.random.key(1), (k, n)) / k ** 0.5).astype(jnp.bfloat16)
     a = jnp.square(jnp.maximum(jax.random.normal(jax.random.key(2), (m, n)), 0)).astype(jnp.bfloat16)
     xw = np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32), np.float32)
-    got = np.asarray(jax.jit(fused_matmul.relu2_matmul)(x, w), np.float32)
+    got = np.asarray(jax.jit(relu2_mlp.relu2_matmul)(x, w), np.float32)
     want = np.square(np.maximum(xw, 0))
     # one bf16 rounding of an fp32 result whose summation order differs from cuBLAS'
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3 * want.max())
     assert (got[xw <= 0] == 0).all() and (got > 0).mean() > 0.4
-    got = np.asarray(jax.jit(fused_matmul.relu2_grad_matmul)(x, w, a), np.float32)
+    got = np.asarray(jax.jit(relu2_mlp.relu2_grad_matmul)(x, w, a), np.float32)
     want = xw * 2 * np.sqrt(np.asarray(a, np.float32))
     np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-3 * np.abs(want).max())
     assert (got[np.asarray(a) == 0] == 0).all() and (got != 0).mean() > 0.4
@@ -166,7 +167,6 @@ def test_symmetric_products_match_xla(lead, m, k):
     """Muon's symmetric products on a Hopper (sym_matmul's kernel: upper tiles, mirrored), against fp32
     references: x x^T of a stack (3 and 13 tiles a side leave the last row block half past the end), and
     Y Y for Y = x x^T + beta I (the Newton-Schulz polynomial's square). Both exactly symmetric."""
-    from nanochat_jax import sym_matmul
     assert sym_matmul.supported(m, k, jnp.bfloat16)
     x = (jax.random.normal(jax.random.key(0), (*lead, m, k)) / k ** 0.5).astype(jnp.bfloat16)
     xf = np.asarray(x, np.float32)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from nanochat_jax import model as M
-from nanochat_jax.config import ConfigError, base_config
+from nanochat_jax.kernels import relu2_mlp
+from nanochat_jax.config import ConfigError, base_config, validate
 
 V, T = 256, 16
 
@@ -72,6 +73,30 @@ def test_from_config_and_errors():
         M.ModelConfig.from_depth(2, compute_dtype="float32", attention="cudnn")
     with pytest.raises(ConfigError, match="remat"):
         tiny(remat="sometimes")
+
+
+@pytest.mark.parametrize("key,value,match", [("n_kv_head", 3, "n_kv_head=3 must divide n_head=10"),
+                                             ("head_dim", 63, "head_dim must be even"),
+                                             ("remat", "sometimes", "config.model.remat must be one of"),
+                                             ("kernels", "triton", "config.model.kernels must be one of"),
+                                             ("compute_dtype", "float16", "config.model.compute_dtype must be one of")])
+def test_validate_checks_the_model_section_with_the_models_own_classes(key, value, match):
+    """config.validate's model checks are ModelShape's and RunOptions' (one place each), naming the key."""
+    c = base_config()
+    validate(c)  # d20 as configured
+    c.model[key] = value
+    with pytest.raises(ConfigError, match=match):
+        validate(c)
+
+
+def test_config_parts_compose_and_replace_by_field_name():
+    cfg = tiny(n_kv_head=2)
+    assert (cfg.shape.n_kv_head, cfg.options.kernels, cfg.engine.attend_len) == (2, "auto", 0)
+    changed = dataclasses.replace(cfg, attend_len=7, scan_layers=False, n_kv_head=4)
+    assert (changed.engine.attend_len, changed.options.scan_layers, changed.shape.n_kv_head) == (7, False, 4)
+    assert changed.shape.d_model == cfg.d_model and changed != cfg and hash(dataclasses.replace(cfg)) == hash(cfg)
+    with pytest.raises(TypeError, match="unknown fields"):
+        dataclasses.replace(cfg, n_layers=3)
 
 
 def test_init_matches_spec():
@@ -344,7 +369,7 @@ def test_cached_prefill_and_decode_match_full_logits(scan_layers, for_inference)
     p = random_params(cfg)
     if for_inference:
         p, cfg = M.inference_params(p, cfg)
-        assert cfg.kernel_layout == "out_in" and p["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, 4 * cfg.d_model, cfg.d_model)
+        assert cfg.weight_layout == "out_in" and p["blocks"]["mlp"]["c_fc"]["kernel"].shape == (2, 4 * cfg.d_model, cfg.d_model)
     seq = tokens((2, T))
     full = np.asarray(M.logits_fn(random_params(tiny(n_kv_head=2)), tiny(n_kv_head=2), seq))
     fwd = jax.jit(lambda c, t, pos: M.forward_cached(p, cfg, t, c, pos))
@@ -380,18 +405,18 @@ def test_bfloat16_compute_keeps_fp32_params_logits_and_loss():
 
 
 def test_relu2_mlp_backward_from_the_relu2_output_matches_autodiff():
-    """relu2_mlp (the fused MLP's VJP) differentiates through 2 sqrt(a) instead of 2 relu(u), a = relu(u)²:
+    """relu2_mlp.relu2_mlp (the fused MLP's VJP) differentiates through 2 sqrt(a) instead of 2 relu(u), a = relu(u)²:
     the same loss and gradients as autodiff of relu(h @ w_fc)² @ w_proj (fp32, with XLA standing in for
     the kernels), zero through u <= 0."""
     h = jax.random.normal(jax.random.key(0), (64, 32))
     w_fc = jax.random.normal(jax.random.key(1), (32, 96)) / 6
     w_proj = jax.random.normal(jax.random.key(2), (96, 32)) / 10
     g = jax.random.normal(jax.random.key(3), (64, 32))
-    up = lambda h, w: M.relu_squared(h @ w)
+    up = lambda h, w: relu2_mlp.relu_squared(h @ w)
     down_grad = lambda g, w, a: (g @ w) * 2 * jnp.sqrt(a)
     with jax.default_matmul_precision("highest"):
         want = jax.value_and_grad(lambda *p: jnp.sum((up(p[0], p[1]) @ p[2]) * g), argnums=(0, 1, 2))(h, w_fc, w_proj)
-        got = jax.value_and_grad(lambda *p: jnp.sum(M.relu2_mlp(*p, up, down_grad) * g), argnums=(0, 1, 2))(
+        got = jax.value_and_grad(lambda *p: jnp.sum(relu2_mlp.relu2_mlp(*p, up, down_grad) * g), argnums=(0, 1, 2))(
             h, w_fc, w_proj)
     assert 0.3 < float(jnp.mean(h @ w_fc > 0)) < 0.7  # both branches of the ReLU are exercised
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)

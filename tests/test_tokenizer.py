@@ -4,6 +4,8 @@ import collections
 import json
 import logging
 import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -257,6 +259,24 @@ def test_cli(tmp_path, capsys):
         assert match in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: missing --vocab-size
         tokenizer_lib.main(["train", "--input", str(src), "--out", str(out)])
+
+
+def test_cli_trains_without_importing_jax_or_grain(tmp_path):
+    """Training a tokenizer on text files starts neither jax nor grain (a second of imports, the most of
+    the CLI's time), nor pyarrow when there is no parquet file: checked in a fresh interpreter."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, text in enumerate(_doc_slice(TRAIN_FILES[:2])):
+        (src / f"doc{i}.txt").write_text(text)
+    script = ("import sys; from nanochat_jax import tokenizer; "
+              f"rc = tokenizer.main(['train', '--input', {str(src)!r}, '--vocab-size', '300', '--out', "
+              f"{str(tmp_path / 'tok')!r}]); "
+              "print(rc, sorted(m for m in ('jax', 'grain', 'flax', 'pyarrow') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=pathlib.Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "0 []", res.stdout
+    assert Tokenizer.load(tmp_path / "tok").vocab_size == 300
 
 
 def _stage_config(tmp_path) -> ml_collections.ConfigDict:

@@ -10,8 +10,8 @@ that touch the upper triangle. Each of two compute warpgroups accumulates one 12
 64-wide K slices (3 pipeline stages; the column tile's rows are read transposed) and stores it,
 rounded once to bf16, if it is on or above the diagonal, then its transpose below. A row tile past the end
 (13 tiles: the last block's second) reads zeros (TMA fills out-of-bounds rows) and stores nothing. The
-stack's matrices run one after another on a one-dimensional grid: with a (tile, layer) grid the CTAs were
-issued layer-fastest, and every product ran 1.4x slower than the same tiles in layer order.
+stack's matrices run one after another on a one-dimensional grid (a (tile, layer) grid issues the CTAs
+layer-fastest, which shares no operand in L2).
 """
 from __future__ import annotations
 
@@ -20,14 +20,31 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nanochat_jax.fused_matmul import on_hopper, plgpu, swizzled
+from nanochat_jax import kernels
+from nanochat_jax.kernels import mosaic_backend as plgpu
+from nanochat_jax.kernels.relu2_mlp import swizzled
+
+# ----------------------------------------------------------------------------------------------
+# The plain-JAX functions
+
+
+def reference_gram(x_MxK):
+    return x_MxK @ jnp.swapaxes(x_MxK, -1, -2)
+
+
+def reference_square(y_MxM):
+    return y_MxM @ y_MxM
+
+
+# ----------------------------------------------------------------------------------------------
+# The Mosaic GPU kernel
 
 TILE, TILE_K, STAGES = 128, 64, 3
 
 
 def supported(m: int, k: int, dtype) -> bool:
     """On a Hopper, bf16, and (m, k) operands that whole tiles cover."""
-    return on_hopper() and jnp.dtype(dtype) == jnp.bfloat16 and m % TILE == 0 and k % TILE_K == 0
+    return kernels.available("mosaic") and jnp.dtype(dtype) == jnp.bfloat16 and m % TILE == 0 and k % TILE_K == 0
 
 
 def _blocks_per_column(n: int) -> list[int]:
@@ -105,21 +122,25 @@ def _stack_gram(x_LxMxK):
                         thread_name="wg")(x_LxMxK)
 
 
-def _kernel_gram(x):
-    """x x^T by the kernel where it runs (a (..., m, k) stack, batched over the leading axes), else None."""
-    *lead, m, k = x.shape
-    if not supported(m, k, x.dtype):
+def _kernel_gram(x_MxK, choice):
+    """x x^T by the kernel where the switch and the shapes allow (a stack, batched over the leading axes),
+    else None."""
+    *lead, m, k = x_MxK.shape
+    if not (kernels.use(choice, "sym_matmul") and supported(m, k, x_MxK.dtype)):
         return None
-    return _stack_gram(x.reshape(-1, m, k)).reshape(*lead, m, m)
+    return _stack_gram(x_MxK.reshape(-1, m, k)).reshape(*lead, m, m)
 
 
-def gram(x):
-    """x @ x^T over the last two axes of a (..., m, k) stack, in x's dtype."""
-    out = _kernel_gram(x)
-    return x @ jnp.swapaxes(x, -1, -2) if out is None else out
+# ----------------------------------------------------------------------------------------------
 
 
-def symmetric_square(y):
-    """y @ y over the last two axes of a (..., m, m) stack of exactly symmetric matrices, in y's dtype."""
-    out = _kernel_gram(y)
-    return y @ y if out is None else out
+def gram(x_MxK, choice: str = "auto"):
+    """x @ x^T over the last two axes of a (..., M, K) stack, in x's dtype."""
+    out = _kernel_gram(x_MxK, choice)
+    return reference_gram(x_MxK) if out is None else out
+
+
+def symmetric_square(y_MxM, choice: str = "auto"):
+    """y @ y over the last two axes of a (..., M, M) stack of exactly symmetric matrices, in y's dtype."""
+    out = _kernel_gram(y_MxM, choice)
+    return reference_square(y_MxM) if out is None else out
