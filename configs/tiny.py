@@ -56,4 +56,16 @@ def get_config():
     c.eval.chat_max_problems = 64
     c.eval.max_new_tokens = 64
     c.eval.generate_batch_size = 32
+    # RL on the synthetic arithmetic (offline): 8 questions x 8 samples a step, 96 steps.
+    c.rl.task = "arithmetic"
+    c.rl.train_examples = 768
+    c.rl.examples_per_step = 8
+    c.rl.num_samples = 8
+    c.rl.max_prompt_tokens = 48
+    c.rl.max_new_tokens = 64
+    c.rl.device_batch_size = 16
+    c.rl.eval_every = 32
+    c.rl.eval_examples = 128
+    c.rl.eval_samples = 4
+    c.rl.save_every = 32
     return c

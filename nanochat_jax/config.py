@@ -120,8 +120,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.mc_eval_every = 200
     c.sft.mc_eval_problems = 1024
 
-    # --- RL (STAGES.md §4), evals (§5), report and chat app (§7): sections filled by their stages ---
-    c.rl = ml_collections.ConfigDict()
+    # --- RL (STAGES.md §4): from SFT, GRPO on GSM8K train, 16 questions x 16 samples a step, one epoch ---
+    c.rl = _chat_stage_section(c.train)
+    c.rl.enabled = True
+    c.rl.task = "gsm8k"  # a generative task with "#### <number>" answers: gsm8k | arithmetic (synthetic, offline)
+    c.rl.train_examples = -1  # questions of the train split (-1 = all; a synthetic task's size)
+    c.rl.examples_per_step = 16  # questions a step
+    c.rl.num_samples = 16  # completions a question
+    c.rl.max_new_tokens = 256
+    c.rl.max_prompt_tokens = 256  # every prompt is padded to this (one compile); longer questions are left out
+    c.rl.temperature = 1.0
+    c.rl.top_k = 50  # 0 = no top-k
+    c.rl.device_batch_size = 32  # rows (completions) per device per micro-step of the training step
+    c.rl.init_lr_frac = 0.05
+    c.rl.warmdown_ratio = 1.0  # LR base x 0.05 x (1 - step/n)
+    c.rl.muon_momentum_start = 0.95
+    c.rl.eval_every = 60  # pass@1..eval_samples on the test split
+    c.rl.eval_examples = 400
+    c.rl.eval_samples = 8
+    c.rl.save_every = 60
+
+    # --- evals (§5), report and chat app (§7): sections filled by their stages ---
     c.eval = ml_collections.ConfigDict()
     # CORE (base_eval): DCLM's bundle, fetched once into <data.dir>/eval_bundle; "" = no bundle (offline)
     c.eval.core_bundle_url = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -191,7 +210,7 @@ _CHOICES = {  # (config.model's choices are checked by the model's own config cl
     "data.source": ("fineweb", "embedded"),
     "mid.supervise": ("all", "assistant"),
 }
-_TRAINING_SECTIONS = ("train", "mid", "sft")  # sections train.train_loop reads: the same checks for each
+_TRAINING_SECTIONS = ("train", "mid", "sft", "rl")  # sections train.train_loop reads: the same checks for each
 _POSITIVE = (
     "model.depth", "model.aspect_ratio", "model.head_dim", "model.sequence_len",
     "tokenizer.vocab_size", "tokenizer.max_chars", "tokenizer.doc_cap",
@@ -210,6 +229,21 @@ _NON_NEGATIVE = ("sft.mc_eval_problems",
 _POSITIVE += ("chat.top_k", "chat.max_tokens", "chat.max_top_k", "chat.max_max_tokens", "chat.max_messages",
               "chat.max_message_chars", "chat.max_total_chars", "chat.concurrency", "chat.queue_size",
               "chat.timeout_s", "chat.loaded_models")
+
+
+def _validate_rl(c) -> None:
+    """RL's own fields (its training fields are checked with the other training sections'; that prompt and answer
+    fit the context is checked by the stage, against the SFT checkpoint's sequence length)."""
+    r = c.rl
+    for key in ("examples_per_step", "num_samples", "max_new_tokens", "max_prompt_tokens", "eval_examples",
+                "eval_samples"):
+        if not r[key] > 0:
+            raise ConfigError(f"config.rl.{key} must be > 0, got {r[key]!r}")
+    if r.temperature < 0 or r.top_k < 0:
+        raise ConfigError(f"config.rl.temperature and top_k must be >= 0, got {r.temperature!r}, {r.top_k!r}")
+    if r.eval_samples > r.examples_per_step * r.num_samples:
+        raise ConfigError(f"config.rl.eval_samples={r.eval_samples} must be <= examples_per_step x num_samples "
+                          f"(an eval call holds as many rows as a step)")
 
 
 def _get(c, dotted):
@@ -245,6 +279,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("data", "fsdp"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ConfigError(f"config.mesh.{key} must be > 0 or -1, got {c.mesh[key]}")
+    _validate_rl(c)
     if c.report.gpu_hour_price < 0:
         raise ConfigError(f"config.report.gpu_hour_price must be >= 0, got {c.report.gpu_hour_price}")
     ch = c.chat
