@@ -198,6 +198,8 @@ def run_stage(config, stage: str) -> dict:
     """Pipeline stages `chat_eval` (the sft checkpoint) and `rl_eval` (the rl one), once that stage is done:
     its latest complete checkpoint (Orbax lists a step only once it is fully on disk)."""
     names = parse_tasks(config.eval.chat_tasks)
+    if SOURCE_STAGE[stage] == "rl" and not config.rl.enabled:
+        return dict(outputs=[], metrics={}, report="## Chat evals (rl)\n\nNot run: RL is off (`config.rl.enabled`).\n")
     _require_finished(config, SOURCE_STAGE[stage])
     ev = run(config.base_dir, SOURCE_STAGE[stage], None, names, config.eval.chat_max_problems, config)
     path = results_path(config.base_dir, stage)

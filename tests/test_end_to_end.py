@@ -72,7 +72,7 @@ def test_killed_anywhere_ends_like_the_uninterrupted_run(reference):
     for _ in range(30):
         proc = pipeline_runs.start(run, root / "data", ALL, *FLAGS)
         try:
-            proc.wait(timeout=rng.uniform(4.0, max(8.0, seconds / 4)))  # past start-up, anywhere in a stage
+            proc.wait(timeout=rng.uniform(3.0, max(6.0, seconds / 5)))  # past start-up, anywhere in a stage
         except Exception:
             proc.kill()
             proc.wait()

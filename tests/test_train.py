@@ -156,7 +156,7 @@ def test_sigkill_resume_reproduces_uninterrupted_losses(tokenized_run):
     reference = {r["step"]: r["loss"] for r in pipeline_runs.metric_steps(ref_dir)}
     assert sorted(reference) == list(range(1, 25))
     run_dir = _fresh_run(tokenized_run, "killed")
-    assert pipeline_runs.kill_until_done(run_dir, tokenized_run / "data", "base", random.Random(1234)) >= 5
+    assert pipeline_runs.kill_until_done(run_dir, tokenized_run / "data", "base", random.Random(1234), 5, 0.2) >= 5
     resumed = pipeline_runs.metric_steps(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, 25)), "every step logged exactly once"
     assert {r["step"]: r["loss"] for r in resumed} == reference  # bit-identical losses after every resume
