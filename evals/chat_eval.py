@@ -175,7 +175,9 @@ def stage_done(config, stage: str) -> bool:
                  if s.isdigit()]
     except (OSError, ValueError):
         return False
+    compare = [s.strip() for s in config.eval.chat_compare.split(",") if s.strip()] if stage == "chat_eval" else []
     return bool(steps) and done.get("step") == max(steps) and done.get("tasks") == config.eval.chat_tasks \
+        and done.get("compare", []) == compare \
         and done.get("max_problems") == config.eval.chat_max_problems
 
 
@@ -203,11 +205,27 @@ def run_stage(config, stage: str) -> dict:
     _require_finished(config, SOURCE_STAGE[stage])
     ev = run(config.base_dir, SOURCE_STAGE[stage], None, names, config.eval.chat_max_problems, config)
     path = results_path(config.base_dir, stage)
-    _write_json(path, dict(ev, tasks=config.eval.chat_tasks))
+    metrics = _metrics(ev)
+    report = markdown(ev, f"Chat evals ({SOURCE_STAGE[stage]}, step {ev['step']})", _not_configured(names))
+    # the earlier stages on the same problems, for the report's BASE / MID columns (chat_eval only)
+    compare = [s.strip() for s in config.eval.chat_compare.split(",") if s.strip()] if stage == "chat_eval" else []
+    for earlier in compare:
+        try:
+            ev_earlier = run(config.base_dir, earlier, None, names, config.eval.chat_max_problems, config)
+        except UserError as e:  # e.g. a model imported at sft has no earlier stages: the comparison is optional
+            log.warning("chat eval of %s for comparison: not run (%s)", earlier, e)
+            report += f"\nChat evals of {earlier} for comparison: not run ({e}).\n"
+            continue
+        metrics.update({f"{earlier}/{k}": v for k, v in _metrics(ev_earlier).items()})
+        report += "\n" + markdown(ev_earlier, f"Chat evals ({earlier}, step {ev_earlier['step']}), for comparison")
+    _write_json(path, dict(ev, tasks=config.eval.chat_tasks, compare=compare))
+    return dict(outputs=[path], metrics=metrics, report=report)
+
+
+def _metrics(ev: dict) -> dict:
     metrics = {n: r["accuracy"] for n, r in ev["results"].items() if r["status"] == "ok"}
     metrics.update({k: ev[k] for k in ("ChatCORE", "ChatCORE_6") if k in ev})
-    title = f"Chat evals ({SOURCE_STAGE[stage]}, step {ev['step']})"
-    return dict(outputs=[path], metrics=metrics, report=markdown(ev, title, _not_configured(names)))
+    return metrics
 
 
 def main(argv=None) -> int:

@@ -152,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.chat_max_problems = -1  # -1 = the whole test set (synthetic tasks: 256 problems)
     c.eval.max_new_tokens = 512  # generative tasks, greedy, calculator on
     c.eval.generate_batch_size = 128  # prompts per on-device generation batch
+    c.eval.chat_compare = "mid"  # earlier stages chat_eval also evaluates on the same problems ("" = none)
     c.report = ml_collections.ConfigDict()
     c.report.gpu_hour_price = 3.0  # $ per GPU-hour, for the report's cost line
     # the Gradio chat (python -m nanochat_jax.chat_app); limits as the reference's web chat (STAGES.md §7)

@@ -34,8 +34,10 @@ COLUMNS = ("BASE", "MID", "SFT", "RL")
 # row -> {column: (stage, metric)}: where each cell of the summary table comes from
 TABLE = {
     "CORE": {"BASE": ("base_eval", "CORE")},
-    **{name: {"SFT": ("chat_eval", name), "RL": ("rl_eval", name)}
-       for name in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")},
+    **{name: {"BASE": ("chat_eval", f"base/{name}"), "MID": ("chat_eval", f"mid/{name}"),
+              "SFT": ("chat_eval", name), "RL": ("rl_eval", name)}
+       for name in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "Arithmetic",
+                    "ChatCORE")},
     "val bpb": {"BASE": ("base", "val_bpb_final"), "MID": ("mid", "val_bpb")},
 }
 # the model card's numbers (SPEC.md §8): row -> {column: value}
@@ -202,6 +204,8 @@ def summary_table(metrics: dict[str, dict]) -> str:
             value = _number(metrics[stage].get(key)) if stage in metrics else None
             cells.append(f"{value:.4f}" if value is not None else "not run" if stage not in metrics else "-")
         card = ", ".join(f"{v:.4g} ({c})" for c, v in CARD.get(name, {}).items())
+        if not card and all(c in ("-", "not run") for c in cells):
+            continue  # a task this run's config does not evaluate (the synthetic ones on a real run)
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {card or '-'} |")
     return "\n".join(rows)
 
@@ -250,8 +254,8 @@ def make_plots(base_dir: str, metrics: dict[str, dict]) -> tuple[list[str], dict
     written.append(_save(fig, plt, base_dir, PLOTS["curves"]))
     # our scores against the card's, one group of bars per metric
     rows = [r for r in TABLE if r != "val bpb"]
-    series = {"card": [CARD[r].get("SFT", CARD[r].get("BASE")) for r in rows]}
-    for column in ("BASE", "SFT", "RL"):
+    series = {"card": [CARD.get(r, {}).get("SFT", CARD.get(r, {}).get("BASE", float("nan"))) for r in rows]}
+    for column in COLUMNS:
         vals = [(_number(metrics.get(TABLE[r][column][0], {}).get(TABLE[r][column][1])) if column in TABLE[r] else None)
                 for r in rows]
         if any(v is not None for v in vals):
