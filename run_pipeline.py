@@ -69,7 +69,10 @@ def run(config, stages: list[str], force: bool = False) -> list[dict]:
     rows = []
     for name in stages:
         module = importlib.import_module(STAGES[name])
-        if not force and module.stage_done(config, name):
+        # complete = its output is there and so is its report entry (a kill between the two reruns the stage,
+        # which then finds its final checkpoint and only writes the report)
+        recorded = os.path.exists(os.path.join(report.report_dir(config.base_dir), f"{name}.json"))
+        if not force and recorded and module.stage_done(config, name):
             log.info("stage %s: complete, skipped (--force to redo)", name)
             rows.append(dict(stage=name, status="skipped (complete)", seconds=0.0, outputs=[]))
             continue

@@ -37,7 +37,7 @@ def test_chat_stage_resumes_after_sigkill_with_the_same_rows(base_run, stage):
     assert f"{stage} checkpoint:" in out
     reference = {r["step"]: r["loss"] for r in pipeline_runs.metric_steps(ref, stage)}
     assert sorted(reference) == list(range(1, 13))
-    kills = pipeline_runs.kill_until_done(killed, data, stage, random.Random(7), 3, 0.3,
+    kills = pipeline_runs.kill_until_done(killed, data, stage, random.Random(7), 3, 0.1,
                                           "--config.train.num_iterations=6")
     assert kills >= 3
     resumed = pipeline_runs.metric_steps(killed, stage)
