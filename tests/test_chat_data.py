@@ -150,3 +150,28 @@ def test_weighted_step_of_ones_is_the_mean_over_the_whole_step():
     want, want_grads = jax.value_and_grad(lambda p: model_lib.loss_fn(p, cfg, flat(inputs), flat(targets))[0])(params)
     assert loss == pytest.approx(float(want), rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7), grads, want_grads)
+
+
+def test_sft_multiple_choice_eval_scores_the_params_it_is_given(tok, monkeypatch):
+    """SFT's MMLU / ARC-Easy accuracy: the chat evals' categorical scorer on the current params (one Forward,
+    params swapped in), here on a 4-problem task whose right letter the test controls."""
+    from evals import chat_eval
+    from nanochat_jax import chat_train, sharding
+    from nanochat_jax.config import base_config
+
+    cfg, params = _tiny_model()
+    conv = lambda answer: {"messages": [{"role": "user", "content": "Pick one: A or B?"}], "letters": ["A", "B"],
+                           "answer": answer}
+    task = type("Task", (), {"eval_type": "categorical", "name": "ab", "__len__": lambda self: 4,
+                             "__getitem__": lambda self, i: conv("AB"[i % 2])})()
+    monkeypatch.setattr(chat_eval, "load_eval_task", lambda name, limit, data_dir: task)
+    config = base_config()
+    config.sft.mc_eval_tasks = "ARC-Easy"
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    evaluate = chat_train._mc_eval(config, cfg, mesh, tok, config.sft)
+    a, b = tok.encode("A")[0], tok.encode("B")[0]
+    prefer = lambda letter: {**params, "lm_head": {"kernel": params["lm_head"]["kernel"].at[:, a if letter == "A" else b]
+                                                   .add(100.0)}}  # that letter's logit wins everywhere
+    assert evaluate(prefer("A")) == {"ARC-Easy": 0.5} and evaluate(prefer("B")) == {"ARC-Easy": 0.5}
+    type(task).__getitem__ = lambda self, i: conv("A")  # now every answer is A
+    assert evaluate(prefer("A")) == {"ARC-Easy": 1.0} and evaluate(prefer("B")) == {"ARC-Easy": 0.0}
