@@ -53,7 +53,7 @@ def test_every_stage_runs_offline_and_reports(reference):
     root, out, _ = reference
     run = root / "reference"
     for stage in ALL.split(","):
-        assert f"stage {stage}: done" in out or f"{stage}" in out
+        assert f"stage {stage}: done" in out, stage
         assert (run / "report" / f"{stage}.json").exists(), stage
     report = (run / "report.md").read_text()
     for heading in ("Base training", "Midtraining", "Supervised fine-tuning", "Chat evals"):
@@ -99,4 +99,5 @@ def test_killed_anywhere_ends_like_the_uninterrupted_run(reference):
             np.testing.assert_array_equal(x, y)  # bitwise the same final weights
     for stage in ("base", "mid", "sft", "rl", *EVALS):
         assert _numbers(run, stage) == _numbers(ref, stage), stage
-    assert "skipped (complete)" in out or "stage report: done" in out
+    assert "stage report: done" in out  # the report is rebuilt; the stages that finished before are skipped
+    assert "stage tokenizer: complete, skipped" in out
