@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from evals.core import _write_json, load_checkpoint, make_forward, results_path
+from evals.core import _write_json, cli_logging, load_checkpoint, make_forward, results_path
 from nanochat_jax.config import UserError
 from nanochat_jax.download import DownloadError
 
@@ -238,8 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-problems", type=int, default=-1, help="problems per task (-1: all)")
     ap.add_argument("--base_dir", default=os.environ.get("NANOCHAT_BASE_DIR", "runs/tiny"))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-restore internals
+    cli_logging()
     try:
         if args.max_problems == 0 or args.max_problems < -1:
             raise UserError(f"--max-problems must be > 0 or -1, got {args.max_problems}")

@@ -327,6 +327,12 @@ def run_stage(config, stage: str = "base_eval") -> dict:
     return dict(outputs=[path], metrics=metrics, report=markdown(ev, f"base, step {step}"))
 
 
+def cli_logging() -> None:
+    """The eval CLIs' log lines: ours at INFO, Orbax's per-restore internals left out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def main(argv=None) -> int:
     from nanochat_jax.config import base_config
 
@@ -337,8 +343,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base_dir", default=os.environ.get("NANOCHAT_BASE_DIR", "runs/tiny"))
     ap.add_argument("--bundle", default=None, help="bundle URL, local zip or folder (default: config.eval.core_bundle_url)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-restore internals
+    cli_logging()
     try:
         if args.max_per_task == 0 or args.max_per_task < -1:
             raise UserError(f"--max-per-task must be > 0 or -1, got {args.max_per_task}")

@@ -7,6 +7,7 @@ checkpoints, resumes from the latest complete one, and saves on SIGTERM / SIGINT
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -146,10 +147,16 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         f.writelines(keep)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _logits_at(params, model_cfg, tokens_1xT, i):
+    return model_lib.logits_fn(params, model_cfg, tokens_1xT)[0, i]
+
+
 def greedy_samples(params, model_cfg, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
-    """A few greedy continuations (a fixed (1, T) window: one compile, no KV cache needed here)."""
+    """A few greedy continuations (a fixed (1, T) window: one compile per model for the whole run, no KV cache
+    needed here)."""
     T = model_cfg.sequence_len
-    logits_at = jax.jit(lambda p, toks, i: model_lib.logits_fn(p, model_cfg, toks)[0, i])
+    logits_at = functools.partial(_logits_at, model_cfg=model_cfg)
     out = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend_bos=True)[-(T - max_tokens):]
@@ -157,7 +164,7 @@ def greedy_samples(params, model_cfg, tokenizer, prompts=SAMPLE_PROMPTS, max_tok
         window[0, :len(ids)] = ids
         n = len(ids)
         for _ in range(max_tokens):
-            window[0, n] = int(jnp.argmax(logits_at(params, window, n - 1)))
+            window[0, n] = int(jnp.argmax(logits_at(params, tokens_1xT=window, i=n - 1)))
             n += 1
         out.append(prompt + tokenizer.decode(window[0, len(ids):n].tolist()))
     return out
