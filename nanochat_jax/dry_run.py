@@ -438,12 +438,13 @@ def print_plan(rows: list[dict], config, devices: int = 8, gpu: str = "H100") ->
 def use_fake_devices(n: int) -> None:
     """Before jax starts: n fake CPU devices and no GPU backend (the dry run allocates nothing anywhere)."""
     import sys
-    if "jax" in sys.modules:  # too late to choose devices: plan() says so if there are fewer than n
-        return
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported (config validation builds the model's config) but, as long as no backend
+        import jax  # has started, still free to choose: jax read JAX_PLATFORMS at import, so tell its config
+        jax.config.update("jax_platforms", "cpu")  # (a started backend: plan() says there are too few devices)
 
 
 def main(config, stages, devices: int = 8, gpu: str = "H100") -> None:

@@ -16,7 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _dry_run(tmp_path, *flags):
     cmd = [sys.executable, "run_pipeline.py", "--dry_run", f"--base_dir={tmp_path / 'run'}", *flags,
            f"--config.data.dir={tmp_path / 'data'}"]  # after --config, which must come first
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # as a user runs it: without the test session's 8 fake devices (the dry run must set them up itself)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _one_line_error(p, message):
